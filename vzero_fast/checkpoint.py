@@ -1,0 +1,231 @@
+"""Checkpoints: per role an HF-format model directory, plus the trainer state for an exact resume.
+
+Layout under the run directory:
+    checkpoints/<role>/step-000012/   config.json, model.safetensors, tokenizer files, preprocessor
+                                      config, chat template: transformers and vLLM load it directly
+    checkpoints/<role>/iter-1/        the role at the end of its stage in iteration 1 (kept always: the
+                                      next iteration's KL reference and the per-iteration record)
+    checkpoints/trainer_state-000007.pt  optimizer states, counters, data position, which role dirs
+    checkpoints/latest.json           the newest complete trainer state (written last)
+
+Decisions:
+- Atomic: everything is written to a `.tmp-*` sibling and renamed into place; `latest.json` is replaced
+  with `os.replace` only after the directories it names exist, so a kill at any moment leaves the
+  previous checkpoint usable.
+- Weights are saved only when a role has changed since its last save; a trainer state that follows
+  another role's update points at the unchanged role's existing directory.
+- The non-weight files (tokenizer, preprocessor, chat template, generation config) are copied from the
+  directory the policy was loaded from, byte for byte, so a checkpoint loads exactly like the original.
+- Keep the last `keep_last` step directories per role (iteration directories are never pruned) and
+  the last `keep_last` trainer states.
+- RNG: all sampling randomness is derived from (seed, role, step) counters, so the state holds counters,
+  not generator states; the torch/numpy/python global states are saved too for anything else.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import signal
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+log = logging.getLogger("vzero_fast.checkpoint")
+
+WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json", "*.pt")
+
+
+def _tmp_sibling(path: Path) -> Path:
+    return path.parent / f".tmp-{path.name}-{os.getpid()}"
+
+
+def save_model_dir(model: torch.nn.Module, source_dir: str | Path, out: str | Path,
+                   state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write `model` as an HF model directory at `out` (atomically): weights via save_pretrained, every
+    other file copied from `source_dir`."""
+    out = Path(out)
+    tmp = _tmp_sibling(out)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
+    # After save_pretrained: the checkpoint's own generation_config.json (Qwen's sampling defaults) wins
+    # over the neutral one load_policy installs.
+    for f in Path(source_dir).iterdir():
+        if f.is_file() and not any(f.match(p) for p in WEIGHT_PATTERNS) and f.name != "config.json":
+            shutil.copy2(f, tmp / f.name)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out
+
+
+def load_weights_into(model: torch.nn.Module, model_dir: str | Path) -> None:
+    """Copy the safetensors weights of an HF model directory into an existing model, in place."""
+    model_dir = Path(model_dir)
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors in {model_dir}")
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        state.update(load_file(f))
+    own = model.state_dict()
+    # save_pretrained may write names in the checkpoint convention; map them back by suffix match.
+    missing = []
+    with torch.no_grad():
+        for name, tensor in own.items():
+            src = state.get(name)
+            if src is None:
+                src = _find_by_suffix(state, name)
+            if src is None:
+                missing.append(name)
+                continue
+            tensor.copy_(src.to(tensor.dtype))
+    tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
+    missing = [m for m in missing if not (tied and m.endswith("lm_head.weight"))]
+    if missing:
+        raise KeyError(f"{model_dir}: weights missing for {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+
+
+def _find_by_suffix(state: dict[str, torch.Tensor], name: str) -> torch.Tensor | None:
+    parts = name.split(".")
+    for k in range(1, len(parts)):
+        tail = ".".join(parts[k:])
+        hits = [v for key, v in state.items() if key.endswith("." + tail) or key == tail]
+        if len(hits) == 1:
+            return hits[0]
+    return None
+
+
+class CheckpointManager:
+    """Saves and restores roles and trainer state under `run_dir/checkpoints`."""
+
+    def __init__(self, run_dir: str | Path, *, keep_last: int = 2):
+        self.root = Path(run_dir) / "checkpoints"
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.keep_last = keep_last
+        self._saved: dict[str, tuple[int, Path]] = {}  # role -> (step saved, dir)
+
+    # ---------------------------------------------------------------------------------------- roles
+
+    def save_role(self, role, *, tag: str | None = None) -> Path:
+        """HF directory of a role; `tag` (e.g. "iter-1") names a kept directory, else step-NNNNNN."""
+        name = tag or f"step-{role.step:06d}"
+        prev = self._saved.get(role.name)
+        if prev and prev[0] == role.step and prev[1].exists():
+            if tag is None or prev[1].name == name:
+                return prev[1]
+            out = self.root / role.name / name  # same weights under a kept name: copy, don't re-serialise
+            tmp = _tmp_sibling(out)
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(prev[1], tmp)
+            if out.exists():
+                shutil.rmtree(out)
+            os.replace(tmp, out)
+        else:
+            out = save_model_dir(role.policy.model, role.policy.path, self.root / role.name / name)
+        self._saved[role.name] = (role.step, out)
+        self._prune_role(role.name)
+        return out
+
+    def role_dirs(self, role_name: str) -> list[Path]:
+        base = self.root / role_name
+        return sorted(base.glob("step-*")) if base.exists() else []
+
+    def _prune_role(self, role_name: str) -> None:
+        live = {str(d) for _, d in self._saved.values()}
+        dirs = self.role_dirs(role_name)
+        for d in dirs[: max(0, len(dirs) - self.keep_last)]:
+            if str(d) not in live:
+                shutil.rmtree(d, ignore_errors=True)
+
+    # ---------------------------------------------------------------------------------- trainer state
+
+    def save(self, roles: dict[str, Any], state: dict[str, Any]) -> Path:
+        """Save every role (weights only where changed) and the trainer state; then point latest at it."""
+        role_dirs = {name: str(self.save_role(role).relative_to(self.root)) for name, role in roles.items()}
+        seq = self._next_seq()
+        payload = {
+            "state": state,
+            "roles": {name: {"dir": role_dirs[name], "step": role.step, "skipped_steps": role.skipped_steps,
+                             "optimizer": role.optimizer.state_dict()} for name, role in roles.items()},
+            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+        }
+        path = self.root / f"trainer_state-{seq:06d}.pt"
+        tmp = _tmp_sibling(path)
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+        latest_tmp = _tmp_sibling(self.root / "latest.json")
+        latest_tmp.write_text(json.dumps({"trainer_state": path.name, "roles": role_dirs, "state": state}, indent=1))
+        os.replace(latest_tmp, self.root / "latest.json")
+        self._prune_states()
+        log.info("checkpoint %s (%s)", path.name, ", ".join(f"{k}: {v}" for k, v in role_dirs.items()))
+        return path
+
+    def _next_seq(self) -> int:
+        seqs = [int(m.group(1)) for p in self.root.glob("trainer_state-*.pt")
+                if (m := re.match(r"trainer_state-(\d+)\.pt$", p.name))]
+        return max(seqs, default=0) + 1
+
+    def _prune_states(self) -> None:
+        states = sorted(self.root.glob("trainer_state-*.pt"))
+        for p in states[: max(0, len(states) - self.keep_last)]:
+            p.unlink(missing_ok=True)
+
+    def latest(self) -> dict[str, Any] | None:
+        path = self.root / "latest.json"
+        if not path.exists():
+            return None
+        return json.loads(path.read_text())
+
+    def restore(self, roles: dict[str, Any]) -> dict[str, Any]:
+        """Load the newest checkpoint into `roles` (weights, optimizer, counters); returns the state."""
+        latest = self.latest()
+        if latest is None:
+            raise FileNotFoundError(f"--resume: no checkpoint in {self.root} (latest.json is missing)")
+        payload = torch.load(self.root / latest["trainer_state"], map_location="cpu", weights_only=False)
+        for name, role in roles.items():
+            info = payload["roles"][name]
+            load_weights_into(role.policy.model, self.root / info["dir"])
+            role.optimizer.load_state_dict(info["optimizer"])
+            role.step = info["step"]
+            role.skipped_steps = info["skipped_steps"]
+            self._saved[name] = (role.step, self.root / info["dir"])
+        torch.set_rng_state(payload["rng"]["torch"])
+        np.random.set_state(payload["rng"]["numpy"])
+        random.setstate(payload["rng"]["python"])
+        log.info("resumed from %s", latest["trainer_state"])
+        return payload["state"]
+
+
+class StopFlag:
+    """SIGTERM / SIGINT set a flag; the trainer checks it between steps, saves and exits cleanly.
+    A second signal while the flag is set exits at once (the previous checkpoint stays valid)."""
+
+    def __init__(self):
+        self.requested = False
+        self._old: dict[int, Any] = {}
+
+    def _handle(self, signum, frame):  # noqa: ARG002
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        log.warning("received %s: saving a checkpoint after the current step, then exiting",
+                    signal.Signals(signum).name)
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        return False

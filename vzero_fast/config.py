@@ -1,0 +1,575 @@
+"""Run configuration: nested keyword-only dataclasses, presets, TOML files and dotted CLI overrides.
+
+Decisions:
+- Every hyperparameter has exactly one home, a field with a one-line docstring (the string literal under
+  it, which `field_docs` reads back for `vzero-fast train --help-config`).
+- Precedence: preset < TOML file < CLI. `resolve(preset, file, overrides)` applies them in that order and
+  validates once at the end (each dataclass checks itself in `__post_init__`; the error names the dotted
+  field and what is allowed).
+- Unknown keys, in a file or on the command line, are errors with a did-you-mean.
+- The resolved config is written beside the run's outputs (`save_config`) as TOML that `load_toml` reads
+  back into an equal config.
+
+Run `python -m vzero_fast config --preset tiny` to print a resolved config.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import inspect
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on 3.10 only
+    import tomli as tomllib
+
+
+class ConfigError(ValueError):
+    """A config value, key or file that cannot be used; the message names the dotted field."""
+
+
+def _check(ok: bool, name: str, allowed: str, value: Any) -> None:
+    if not ok:
+        raise ConfigError(f"{name}: must be {allowed}, got {value!r}")
+
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+ATTN = ("auto", "sdpa", "flash_attention_2", "eager")
+KL_TYPES = ("k1", "k2", "k3")
+LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+ADVANTAGES = ("grpo", "drgrpo")
+RECIPES = ("toy",)  # vzero arrives with its recipe (issue: V-Zero recipe)
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    path: str = ""
+    """Local model directory (Qwen2.5-VL-3B/7B-Instruct or `vzero-fast make-tiny DIR`); empty builds the offline tiny model in the run directory."""
+    dtype: str = "auto"
+    """Parameter dtype: auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16 or float16."""
+    attn_implementation: str = "auto"
+    """Attention backend: auto (flash_attention_2 where flash_attn imports on CUDA, else sdpa), sdpa, flash_attention_2 or eager."""
+    gradient_checkpointing: bool = False
+    """Recompute decoder activations in the backward pass to save memory."""
+    tiny_seed: int = 0
+    """Seed of the random weights and tokenizer corpus when the tiny model is built."""
+
+    def __post_init__(self) -> None:
+        _check(self.dtype in DTYPES, "model.dtype", f"one of {DTYPES}", self.dtype)
+        _check(self.attn_implementation in ATTN, "model.attn_implementation", f"one of {ATTN}",
+               self.attn_implementation)
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    images: str = ""
+    """Unlabeled images: a folder (recursive), a .jsonl or .csv listing paths; empty uses synthetic figures."""
+    synthetic_images: int = 64
+    """Number of synthetic figures drawn when `images` is empty."""
+    synthetic_size: int = 224
+    """Side in pixels of the synthetic figures."""
+    min_pixels: int = 56 * 56
+    """Smallest image area fed to the vision tower (Qwen2.5-VL processor's min_pixels)."""
+    max_pixels: int = 1024 * 28 * 28
+    """Largest image area fed to the vision tower (Qwen2.5-VL processor's max_pixels)."""
+
+    def __post_init__(self) -> None:
+        _check(self.synthetic_images >= 1, "data.synthetic_images", ">= 1", self.synthetic_images)
+        _check(self.synthetic_size >= 28, "data.synthetic_size", ">= 28", self.synthetic_size)
+        _check(self.min_pixels >= 28 * 28, "data.min_pixels", ">= 784 (one 28x28 merged patch)",
+               self.min_pixels)
+        _check(self.max_pixels >= self.min_pixels, "data.max_pixels", f">= data.min_pixels ({self.min_pixels})",
+               self.max_pixels)
+
+
+@dataclass(kw_only=True)
+class RoleConfig:
+    """Sampling and GRPO settings of one trained role (defaults: ALGORITHMS.md section 0)."""
+
+    prompts_per_step: int = 64
+    """Prompts (images or questions) per GRPO step."""
+    rollout_n: int = 5
+    """Responses sampled per prompt (the GRPO group size)."""
+    temperature: float = 1.0
+    """Sampling temperature of the rollouts (also divides the logits of the training log-probs)."""
+    top_p: float = 1.0
+    """Nucleus sampling threshold of the rollouts (1.0 = off)."""
+    top_k: int = 0
+    """Top-k sampling of the rollouts (0 = off)."""
+    repetition_penalty: float = 1.0
+    """Repetition penalty of the rollouts (1.0 = off)."""
+    max_prompt_tokens: int = 1024
+    """Longest prompt, image tokens included; longer prompts are skipped and counted."""
+    max_response_tokens: int = 2048
+    """Longest sampled response."""
+    lr: float = 1e-6
+    """AdamW learning rate (constant schedule)."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    weight_decay: float = 0.01
+    """AdamW weight decay."""
+    grad_clip: float = 1.0
+    """Gradient-norm clip (0 = off)."""
+    kl_coef: float = 0.01
+    """KL coefficient beta in the loss (0 skips the reference model)."""
+    kl_type: str = "k3"
+    """KL estimator: k1, k2 or k3 (low-variance KL)."""
+    clip_low: float = 0.2
+    """PPO clip epsilon below 1."""
+    clip_high: float = 0.2
+    """PPO clip epsilon above 1 (raise it for clip-higher)."""
+    clip_c: float = 0.0
+    """Dual-clip constant c (0 = off; 3 is the usual value)."""
+    loss_agg: str = "token-mean"
+    """Loss aggregation: token-mean, seq-mean-token-mean or seq-mean-token-sum-norm."""
+    agg_norm: float = 0.0
+    """Divisor of seq-mean-token-sum-norm (0 = max_response_tokens)."""
+    advantage: str = "grpo"
+    """Group advantage: grpo ((r - mean) / (std + 1e-6)) or drgrpo (r - mean)."""
+    mini_batches: int = 2
+    """Optimizer steps per rollout batch (PPO mini-batches)."""
+    epochs: int = 1
+    """PPO epochs over each rollout batch."""
+    micro_batch_tokens: int = 16384
+    """Token budget of one forward/backward micro-batch."""
+    offload_optimizer: bool = False
+    """Keep this role's optimizer state on the CPU while another role trains."""
+
+    def _validate(self, role: str) -> None:
+        for name in ("prompts_per_step", "rollout_n", "max_prompt_tokens", "max_response_tokens",
+                     "mini_batches", "epochs", "micro_batch_tokens"):
+            value = getattr(self, name)
+            _check(isinstance(value, int) and value >= 1, f"{role}.{name}", "an integer >= 1", value)
+        _check(self.temperature > 0, f"{role}.temperature", "> 0", self.temperature)
+        _check(0 < self.top_p <= 1, f"{role}.top_p", "in (0, 1]", self.top_p)
+        _check(self.top_k >= 0, f"{role}.top_k", ">= 0", self.top_k)
+        _check(self.repetition_penalty > 0, f"{role}.repetition_penalty", "> 0", self.repetition_penalty)
+        _check(self.lr > 0, f"{role}.lr", "> 0", self.lr)
+        _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), f"{role}.betas",
+               "two numbers in [0, 1)", self.betas)
+        _check(self.weight_decay >= 0, f"{role}.weight_decay", ">= 0", self.weight_decay)
+        _check(self.grad_clip >= 0, f"{role}.grad_clip", ">= 0", self.grad_clip)
+        _check(self.kl_coef >= 0, f"{role}.kl_coef", ">= 0", self.kl_coef)
+        _check(self.kl_type in KL_TYPES, f"{role}.kl_type", f"one of {KL_TYPES}", self.kl_type)
+        _check(0 <= self.clip_low < 1, f"{role}.clip_low", "in [0, 1)", self.clip_low)
+        _check(self.clip_high >= 0, f"{role}.clip_high", ">= 0", self.clip_high)
+        _check(self.clip_c == 0 or self.clip_c > 1, f"{role}.clip_c", "0 (off) or > 1", self.clip_c)
+        _check(self.loss_agg in LOSS_AGGS, f"{role}.loss_agg", f"one of {LOSS_AGGS}", self.loss_agg)
+        _check(self.agg_norm >= 0, f"{role}.agg_norm", ">= 0", self.agg_norm)
+        _check(self.advantage in ADVANTAGES, f"{role}.advantage", f"one of {ADVANTAGES}", self.advantage)
+
+
+@dataclass(kw_only=True)
+class QuestionerConfig(RoleConfig):
+    rollout_n: int = 4
+    """Questions sampled per image (the Questioner's GRPO group)."""
+    max_response_tokens: int = 2048
+    """Longest Questioner output."""
+
+    def __post_init__(self) -> None:
+        self._validate("questioner")
+
+
+@dataclass(kw_only=True)
+class SolverConfig(RoleConfig):
+    rollout_n: int = 5
+    """Answers sampled per kept question (the Solver's GRPO group)."""
+    max_response_tokens: int = 4096
+    """Longest Solver answer while training."""
+
+    def __post_init__(self) -> None:
+        self._validate("solver")
+
+
+@dataclass(kw_only=True)
+class PolicyConfig(RoleConfig):
+    """The one trained policy of single-role recipes (toy)."""
+
+    rollout_n: int = 8
+    """Responses sampled per prompt (the GRPO group size)."""
+
+    def __post_init__(self) -> None:
+        self._validate("policy")
+
+
+@dataclass(kw_only=True)
+class ToyConfig:
+    """The toy recipe: reward 1 when the response starts with one of the target tokens."""
+
+    target_mass: float = 0.1
+    """Initial first-token probability covered by the target tokens (the starting reward)."""
+    prompt: str = "Describe the figure."
+    """User text sent with every image."""
+
+    def __post_init__(self) -> None:
+        _check(0 < self.target_mass < 1, "toy.target_mass", "in (0, 1)", self.target_mass)
+
+
+@dataclass(kw_only=True)
+class VZeroConfig:
+    """V-Zero's rules (ALGORITHMS.md section 1)."""
+
+    reward_votes: int = 10
+    """Solver answers m sampled per question for the Questioner's dual-track reward."""
+    reward_temperature: float = 1.0
+    """Temperature of those Solver answers."""
+    reward_top_k: int = 40
+    """Top-k of those Solver answers."""
+    reward_max_tokens: int = 2048
+    """Longest of those Solver answers."""
+    question_temperature: float = 1.0
+    """Temperature of the updated Questioner when it writes the Solver's questions."""
+    question_repetition_penalty: float = 1.1
+    """Repetition penalty of the updated Questioner when it writes the Solver's questions."""
+    label_votes: int = 10
+    """Solver answers sampled per question for its majority-vote pseudo-label."""
+    label_temperature: float = 1.0
+    """Temperature of the pseudo-label votes."""
+    label_top_p: float = 0.9
+    """Top-p of the pseudo-label votes."""
+    band_low: float = 0.3
+    """Keep a question when its majority share is at least this."""
+    band_high: float = 0.8
+    """Keep a question when its majority share is at most this."""
+    format_warmup_steps: int = 0
+    """Supervised steps on templated outputs with random answer letters (format only, no labels) before GRPO; the tiny preset uses them."""
+
+    def __post_init__(self) -> None:
+        for name in ("reward_votes", "reward_max_tokens", "label_votes"):
+            _check(getattr(self, name) >= 1, f"vzero.{name}", "an integer >= 1", getattr(self, name))
+        _check(0 <= self.band_low <= self.band_high <= 1, "vzero.band_low/band_high",
+               "0 <= band_low <= band_high <= 1", (self.band_low, self.band_high))
+        _check(self.format_warmup_steps >= 0, "vzero.format_warmup_steps", ">= 0", self.format_warmup_steps)
+        for name in ("reward_temperature", "question_temperature", "label_temperature"):
+            _check(getattr(self, name) > 0, f"vzero.{name}", "> 0", getattr(self, name))
+        _check(0 < self.label_top_p <= 1, "vzero.label_top_p", "in (0, 1]", self.label_top_p)
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    recipe: str = "toy"
+    """Recipe to run (toy: a verifiable reward that checks the engine learns)."""
+    out: str = "runs/vzero"
+    """Run directory: metrics, checkpoints, the resolved config."""
+    seed: int = 0
+    """Seed of every random choice in the run (data order, sampling, initial weights of the tiny model)."""
+    iterations: int = 2
+    """Outer iterations (each trains every role once)."""
+    max_steps_per_role: int = 0
+    """Cap on GRPO steps per role per iteration (0 = one epoch over the data)."""
+    save_every: int = 0
+    """Also save a checkpoint every N steps (0 = only at the end of each role's stage)."""
+    keep_last: int = 2
+    """Checkpoints kept per role (older ones are deleted)."""
+    device: str = "auto"
+    """Device: auto (cuda when available), cpu or cuda."""
+
+    def __post_init__(self) -> None:
+        _check(self.recipe in RECIPES, "train.recipe", f"one of {RECIPES}", self.recipe)
+        _check(self.iterations >= 1, "train.iterations", ">= 1", self.iterations)
+        _check(self.max_steps_per_role >= 0, "train.max_steps_per_role", ">= 0", self.max_steps_per_role)
+        _check(self.save_every >= 0, "train.save_every", ">= 0", self.save_every)
+        _check(self.keep_last >= 1, "train.keep_last", ">= 1", self.keep_last)
+        _check(self.device in DEVICES, "train.device", f"one of {DEVICES}", self.device)
+
+
+@dataclass(kw_only=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The policy checkpoint every role starts from."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Unlabeled images."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Run-level settings."""
+    questioner: QuestionerConfig = field(default_factory=QuestionerConfig)
+    """V-Zero Questioner role."""
+    solver: SolverConfig = field(default_factory=SolverConfig)
+    """V-Zero Solver role."""
+    vzero: VZeroConfig = field(default_factory=VZeroConfig)
+    """V-Zero rules."""
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    """The trained policy of single-role recipes (toy)."""
+    toy: ToyConfig = field(default_factory=ToyConfig)
+    """Toy recipe."""
+
+
+# ----------------------------------------------------------------------------------------------- presets
+
+def _tiny() -> dict[str, Any]:
+    """CPU in minutes: the offline tiny model, 16 synthetic figures, short responses."""
+    role = dict(prompts_per_step=4, lr=1e-4, max_prompt_tokens=512, micro_batch_tokens=4096, kl_coef=0.01)
+    return {
+        "model": {"path": "", "dtype": "float32", "attn_implementation": "sdpa"},
+        "data": {"synthetic_images": 16, "synthetic_size": 112, "min_pixels": 56 * 56, "max_pixels": 112 * 112},
+        "train": {"device": "cpu", "iterations": 2, "max_steps_per_role": 4, "out": "runs/tiny"},
+        "questioner": {**role, "rollout_n": 4, "max_response_tokens": 64},
+        "solver": {**role, "rollout_n": 4, "max_response_tokens": 32},
+        "vzero": {"reward_votes": 6, "reward_max_tokens": 32, "label_votes": 6, "format_warmup_steps": 30},
+        # The toy reward only looks at the first token: short responses and a large step size learn it
+        # in ~10 steps on CPU (measured: reward 0.06 -> 1.0 by step 11).
+        "policy": {**role, "rollout_n": 8, "max_response_tokens": 2, "lr": 1e-2, "mini_batches": 1},
+    }
+
+
+def _vzero(model_size: str) -> dict[str, Any]:
+    """The paper's hyperparameters (ALGORITHMS.md sections 0-1); the checkpoint comes from --model."""
+    shared = dict(prompts_per_step=64, lr=1e-6, weight_decay=0.01, grad_clip=1.0, kl_coef=0.01, kl_type="k3",
+                  clip_low=0.2, clip_high=0.2, loss_agg="token-mean", mini_batches=2, epochs=1,
+                  temperature=1.0, max_prompt_tokens=1024)
+    return {
+        "model": {"dtype": "bfloat16"},
+        "train": {"iterations": 2, "out": f"runs/vzero-{model_size}"},
+        "questioner": {**shared, "rollout_n": 4, "max_response_tokens": 2048},
+        "solver": {**shared, "rollout_n": 5, "max_response_tokens": 4096},
+        "vzero": {"reward_votes": 10, "reward_temperature": 1.0, "reward_top_k": 40, "reward_max_tokens": 2048,
+                  "question_temperature": 1.0, "question_repetition_penalty": 1.1, "label_votes": 10,
+                  "label_temperature": 1.0, "label_top_p": 0.9, "band_low": 0.3, "band_high": 0.8},
+    }
+
+
+PRESETS: dict[str, typing.Callable[[], dict[str, Any]]] = {
+    "tiny": _tiny,
+    "vzero-3b": lambda: _vzero("3b"),
+    "vzero-7b": lambda: _vzero("7b"),
+}
+
+
+# ------------------------------------------------------------------------------------ dicts <-> dataclasses
+
+def _fields(cls: type) -> dict[str, tuple[Any, Any]]:
+    """name -> (resolved type, dataclasses.Field) of a config dataclass."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: (hints[f.name], f) for f in dataclasses.fields(cls)}
+
+
+def _unknown(key: str, known: typing.Iterable[str], where: str) -> ConfigError:
+    known = sorted(known)
+    close = difflib.get_close_matches(key.split(".")[-1], [k.split(".")[-1] for k in known], n=1)
+    hint = ""
+    if close:
+        full = [k for k in known if k.split(".")[-1] == close[0]]
+        hint = f"; did you mean {full[0]!r}?"
+    return ConfigError(f"unknown config key {key!r} in {where}{hint}")
+
+
+def _coerce(value: Any, typ: Any, name: str) -> Any:
+    """Convert a TOML or CLI value to the field's type; strings from the CLI are parsed."""
+    origin = typing.get_origin(typ)
+    if typ is bool:
+        if isinstance(value, str):
+            low = value.lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{name}: must be a boolean (true/false), got {value!r}")
+    if typ is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{name}: must be an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value.replace("_", ""))
+            except ValueError:
+                pass
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{name}: must be an integer, got {value!r}")
+    if typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{name}: must be a number, got {value!r}")
+    if typ is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{name}: must be a string, got {value!r}")
+    if origin is tuple:
+        if isinstance(value, str):
+            try:
+                value = ast.literal_eval(value if value.strip().startswith(("(", "[")) else f"({value},)")
+            except (ValueError, SyntaxError) as e:
+                raise ConfigError(f"{name}: must be a list like '0.9,0.999', got {value!r}") from e
+        args = typing.get_args(typ)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{name}: must be a list of {len(args)} values, got {value!r}")
+        return tuple(_coerce(v, a, name) for v, a in zip(value, args))
+    if origin in (typing.Union, types.UnionType):
+        raise ConfigError(f"{name}: union-typed fields are not supported")  # none exist; keeps _coerce total
+    raise ConfigError(f"{name}: unsupported field type {typ!r}")
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """A nested plain dict (tuples as lists) of a config dataclass."""
+    out = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            value = to_dict(value)
+        elif isinstance(value, tuple):
+            value = list(value)
+        out[f.name] = value
+    return out
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any], cls: type, where: str, prefix: str = "") -> None:
+    """Merge `update` into `base` in place, checking every key against the dataclass `cls`."""
+    fields = _fields(cls)
+    for key, value in update.items():
+        name = f"{prefix}{key}"
+        if key not in fields:
+            raise _unknown(name, [f"{prefix}{k}" for k in _all_keys(cls)], where)
+        typ, _ = fields[key]
+        if dataclasses.is_dataclass(typ):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{name}: is a section; set its keys, e.g. {name}.<key> = ...")
+            _merge(base.setdefault(key, {}), value, typ, where, f"{name}.")
+        else:
+            base[key] = _coerce(value, typ, name)
+
+
+def _all_keys(cls: type, prefix: str = "") -> list[str]:
+    keys = []
+    for name, (typ, _) in _fields(cls).items():
+        if dataclasses.is_dataclass(typ):
+            keys += _all_keys(typ, f"{prefix}{name}.")
+        else:
+            keys.append(f"{prefix}{name}")
+    return keys
+
+
+def from_dict(data: dict[str, Any], cls: type = Config, where: str = "config") -> Any:
+    """Build and validate a config dataclass from a nested dict (unknown keys are errors)."""
+    merged: dict[str, Any] = {}
+    _merge(merged, data, cls, where)
+    return _build(cls, merged)
+
+
+def _build(cls: type, data: dict[str, Any]) -> Any:
+    kwargs = {}
+    for name, (typ, _) in _fields(cls).items():
+        if name not in data:
+            continue
+        kwargs[name] = _build(typ, data[name]) if dataclasses.is_dataclass(typ) else data[name]
+    return cls(**kwargs)
+
+
+def parse_overrides(args: list[str]) -> dict[str, Any]:
+    """`["--solver.rollout_n", "10", "--train.seed=3"]` -> {"solver": {"rollout_n": "10"}, "train": {"seed": "3"}}."""
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or "." not in arg.split("=", 1)[0]:
+            raise ConfigError(f"expected a dotted override like --solver.rollout_n 10, got {arg!r}")
+        if "=" in arg:
+            key, value = arg[2:].split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(args):
+                raise ConfigError(f"override {arg} needs a value")
+            key, value = arg[2:], args[i + 1]
+            i += 2
+        node = out
+        *parents, leaf = key.replace("-", "_").split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return out
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {str(path)!r} is not valid TOML: {e}") from e
+
+
+def resolve(preset: str | None = None, file: str | Path | None = None,
+            overrides: dict[str, Any] | None = None) -> Config:
+    """preset < TOML file < CLI overrides, validated once."""
+    merged: dict[str, Any] = {}
+    if preset is not None:
+        if preset not in PRESETS:
+            close = difflib.get_close_matches(preset, PRESETS, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"unknown preset {preset!r} (choose from {sorted(PRESETS)}){hint}")
+        _merge(merged, PRESETS[preset](), Config, f"preset {preset!r}")
+    if file is not None:
+        _merge(merged, load_toml(file), Config, f"config file {str(file)!r}")
+    if overrides:
+        _merge(merged, overrides, Config, "command-line overrides")
+    return _build(Config, merged)
+
+
+# ----------------------------------------------------------------------------------------------- writing
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} as TOML")
+
+
+def dumps(cfg: Config) -> str:
+    """TOML text of a config: one table per section, scalars only (what our dataclasses hold)."""
+    lines = []
+    for section, values in to_dict(cfg).items():
+        lines.append(f"[{section}]")
+        lines += [f"{k} = {_toml_value(v)}" for k, v in values.items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def save_config(cfg: Config, path: str | Path) -> Path:
+    """Write the resolved config as TOML (the run's record; `--config` reads it back)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(dumps(cfg))
+    return path
+
+
+def field_docs(cls: type = Config, prefix: str = "") -> dict[str, str]:
+    """Dotted key -> the docstring literal under its field (for --help-config)."""
+    src = inspect.getsource(cls)
+    tree = ast.parse(src.lstrip() if src.startswith(" ") else src)
+    body = tree.body[0].body
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+            docs[node.target.id] = str(nxt.value.value)
+    out = {}
+    for cls_ in reversed(cls.__mro__[1:]):  # inherited docs first, overridden below
+        if dataclasses.is_dataclass(cls_):
+            out.update(field_docs(cls_, prefix))
+    for name, (typ, _) in _fields(cls).items():
+        if dataclasses.is_dataclass(typ):
+            out.update(field_docs(typ, f"{prefix}{name}."))
+        elif name in docs:
+            out[f"{prefix}{name}"] = docs[name]
+    return out

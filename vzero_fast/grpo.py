@@ -1,0 +1,395 @@
+"""GRPO: rollouts -> rewards -> group advantages -> filters -> micro-batches -> loss -> AdamW.
+
+The step, on one screen (`Role.grpo_step`):
+    outputs  = engine.generate(requests)                   # n samples per prompt, sampling log-probs
+    rewards  = reward_fn(outputs)                          # [G, n], one call over the whole batch
+    adv      = group_advantages(rewards, kind)             # [G, n], vectorised
+    keep     = keep_groups(rewards, ...)                   # optional filters
+    batch    = SampleBatch.from_outputs(outputs[keep], adv[keep])
+    for epoch, mini-batch:                                 # `mini_batches` optimizer steps
+        old/ref log-probs (no grad) when needed            # old only when a batch is split, ref only when kl>0
+        for micro-batch (token budget):
+            hidden = forward_hidden(...)                   # [b, T, H]; logits never built
+            loss   = grpo_loss(fused_linear_logprob(...))  # divisor = tokens of the whole MINI-batch
+            loss.backward()
+        clip grad norm; a non-finite loss or gradient skips the update (never touches the weights)
+
+Decisions:
+- Log-probs are response-aligned: hidden state p-1 predicts token p, so we gather the hidden rows that
+  predict response tokens into [b, R, H] before the streaming lm_head (`fused_linear_logprob`); prompt
+  positions never reach the vocabulary projection.
+- Micro-batches are packed by a token budget on padded length (b * T_max), longest first, so each
+  forward has similar cost and the padding is small; the loss divisor is the token (or sequence) count
+  of the whole mini-batch (`agg_divisor`), so gradient accumulation equals one large batch.
+- Old log-probs are recomputed with the training forward (not taken from the sampler) when the rollout
+  batch is split into several mini-batches or epochs; with one mini-batch and one epoch the update is
+  on-policy (ratio 1, gradient of log p) and no extra forward runs.
+- The logprob_diff metric (sampler vs training forward, mean |diff| over response tokens) comes for
+  free from the first mini-batch's forward, before any update.
+- Randomness is derived from (seed, role, step) counters, so a resumed run draws exactly what an
+  uninterrupted one would (no generator state has to be saved).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from vzero_fast.config import RoleConfig
+from vzero_fast.kernels import fused_linear_logprob, grpo_loss
+from vzero_fast.metrics import StageTimer
+from vzero_fast.model import Policy, forward_hidden
+from vzero_fast.rollout import Request, RolloutEngine, RolloutOutput
+
+log = logging.getLogger("vzero_fast.grpo")
+
+RewardFn = Callable[[list[RolloutOutput]], torch.Tensor]
+
+
+# ------------------------------------------------------------------------------- advantages and filters
+
+def group_advantages(rewards: torch.Tensor, *, kind: str = "grpo", eps: float = 1e-6) -> torch.Tensor:
+    """[G, n] rewards -> [G, n] advantages (ALGORITHMS.md section 0).
+
+    grpo: (r - mean) / (std + eps) with the unbiased std; a group of one gets std := 1.
+    drgrpo: r - mean. Zero-variance groups give 0 either way.
+    """
+    rewards = rewards.to(torch.float32)
+    centred = rewards - rewards.mean(dim=1, keepdim=True)  # [G, n]
+    if kind == "drgrpo":
+        return centred
+    if kind != "grpo":
+        raise ValueError(f"advantage kind must be 'grpo' or 'drgrpo', got {kind!r}")
+    if rewards.shape[1] == 1:
+        return centred / (1.0 + eps)
+    return centred / (rewards.std(dim=1, unbiased=True, keepdim=True) + eps)
+
+
+def keep_groups(rewards: torch.Tensor, *, drop_zero_variance: bool = False,
+                share: torch.Tensor | None = None, band: tuple[float, float] | None = None) -> torch.Tensor:
+    """[G] bool: which groups train. Zero-variance groups carry no GRPO signal; `band` keeps groups
+    whose majority `share` [G] lies in [low, high] (V-Zero's difficulty band)."""
+    keep = torch.ones(rewards.shape[0], dtype=torch.bool, device=rewards.device)
+    if drop_zero_variance:
+        keep &= (rewards.max(dim=1).values - rewards.min(dim=1).values) > 0
+    if band is not None:
+        if share is None:
+            raise ValueError("a share band needs the per-group share")
+        keep &= (share >= band[0]) & (share <= band[1])
+    return keep
+
+
+def pack_micro_batches(lengths: Sequence[int], token_budget: int) -> list[list[int]]:
+    """Split sample indices into micro-batches whose padded size (count * longest) fits the budget.
+
+    Longest first, so a micro-batch's samples have similar lengths; a sample longer than the budget
+    gets a micro-batch of its own (it must still be trained on)."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    batches: list[list[int]] = []
+    current: list[int] = []
+    longest = 0
+    for i in order:
+        new_longest = max(longest, lengths[i])
+        if current and new_longest * (len(current) + 1) > token_budget:
+            batches.append(current)
+            current, new_longest = [], lengths[i]
+        current.append(i)
+        longest = new_longest
+    if current:
+        batches.append(current)
+    return batches
+
+
+# ------------------------------------------------------------------------------------------- the batch
+
+@dataclass
+class SampleBatch:
+    """Flattened samples of the kept groups; image inputs are stored once per prompt."""
+
+    prompt_ids: list[torch.Tensor]          # per sample, 1-D
+    response_ids: list[torch.Tensor]        # per sample, 1-D
+    prompt_of: list[int]                    # sample -> prompt index
+    pixel_values: list[torch.Tensor | None]  # per prompt
+    image_grid_thw: list[torch.Tensor | None]  # per prompt
+    advantages: torch.Tensor                # [B] fp32
+    sample_logprobs: list[torch.Tensor]     # per sample, the sampler's log-probs (fp32)
+    old_logprobs: torch.Tensor | None = None  # [B, R] response-aligned, when recomputed
+    ref_logprobs: torch.Tensor | None = None  # [B, R]
+
+    @classmethod
+    def from_outputs(cls, outputs: Sequence[RolloutOutput], advantages: torch.Tensor) -> SampleBatch:
+        """advantages: [G, n] for the G outputs (n samples each)."""
+        prompt_ids, response_ids, prompt_of, logps = [], [], [], []
+        for g, out in enumerate(outputs):
+            for s in out.samples:
+                prompt_ids.append(out.prompt_ids)
+                response_ids.append(s.token_ids)
+                prompt_of.append(g)
+                logps.append(s.logprobs)
+        return cls(prompt_ids=prompt_ids, response_ids=response_ids, prompt_of=prompt_of,
+                   pixel_values=[o.pixel_values for o in outputs],
+                   image_grid_thw=[o.image_grid_thw for o in outputs],
+                   advantages=advantages.reshape(-1).to(torch.float32), sample_logprobs=logps)
+
+    def __len__(self) -> int:
+        return len(self.response_ids)
+
+    @property
+    def max_response(self) -> int:
+        return max((len(r) for r in self.response_ids), default=0)
+
+    def lengths(self) -> list[int]:
+        return [len(p) + len(r) for p, r in zip(self.prompt_ids, self.response_ids)]
+
+    def response_tokens(self, idx: Sequence[int]) -> int:
+        return sum(len(self.response_ids[i]) for i in idx)
+
+
+@dataclass
+class MicroBatch:
+    inputs: dict[str, torch.Tensor | None]  # forward_hidden keywords
+    gather_index: torch.Tensor  # [b, R] positions whose hidden state predicts response token r
+    targets: torch.Tensor       # [b, R] response ids (0 where masked)
+    mask: torch.Tensor          # [b, R] bool
+    rows: torch.Tensor          # [b] sample indices into the SampleBatch
+
+
+def collate(batch: SampleBatch, idx: Sequence[int], policy: Policy, response_len: int) -> MicroBatch:
+    """Right-padded prompt+response sequences of the samples `idx`, with their images."""
+    device = policy.device
+    seqs = [torch.cat([batch.prompt_ids[i], batch.response_ids[i]]) for i in idx]
+    T = max(len(s) for s in seqs)
+    b = len(idx)
+    ids = torch.full((b, T), policy.pad_token_id, dtype=torch.long)
+    attn = torch.zeros((b, T), dtype=torch.long)
+    gather = torch.zeros((b, response_len), dtype=torch.long)
+    targets = torch.zeros((b, response_len), dtype=torch.long)
+    mask = torch.zeros((b, response_len), dtype=torch.bool)
+    for row, (i, s) in enumerate(zip(idx, seqs)):
+        p, r = len(batch.prompt_ids[i]), len(batch.response_ids[i])
+        ids[row, : len(s)] = s
+        attn[row, : len(s)] = 1
+        gather[row, :r] = torch.arange(p - 1, p - 1 + r)
+        targets[row, :r] = batch.response_ids[i]
+        mask[row, :r] = True
+    # Images in sample order: a prompt's pixels repeat for each of its samples in this micro-batch
+    # (the vision tower trains, so each sequence needs its own activations).
+    prompts = [batch.prompt_of[i] for i in idx]
+    pixels = [batch.pixel_values[g] for g in prompts if batch.pixel_values[g] is not None]
+    grids = [batch.image_grid_thw[g] for g in prompts if batch.image_grid_thw[g] is not None]
+    inputs = {
+        "input_ids": ids.to(device),
+        "attention_mask": attn.to(device),
+        "mm_token_type_ids": (ids == policy.image_token_id).to(torch.int32).to(device),
+        "pixel_values": torch.cat(pixels).to(device, policy.dtype) if pixels else None,
+        "image_grid_thw": torch.cat(grids).to(device) if grids else None,
+    }
+    return MicroBatch(inputs=inputs, gather_index=gather.to(device), targets=targets.to(device),
+                      mask=mask.to(device), rows=torch.as_tensor(list(idx), device=device))
+
+
+def response_hidden(model_or_policy, mb: MicroBatch) -> torch.Tensor:
+    """[b, R, H] hidden states that predict the response tokens (the prompt never meets lm_head)."""
+    hidden = forward_hidden(model_or_policy, **mb.inputs)  # [b, T, H]
+    index = mb.gather_index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])  # [b, R, H]
+    return hidden.gather(1, index)
+
+
+def token_logprobs(model_or_policy, lm_head_weight: torch.Tensor, mb: MicroBatch, temperature: float,
+                   *, return_entropy: bool = False):
+    """Response-aligned log-probs [b, R] (fp32; 0 where masked) and optionally the entropy [b, R]."""
+    h = response_hidden(model_or_policy, mb)  # [b, R, H]
+    b, R, H = h.shape
+    flat = mb.mask.reshape(-1)
+    out = fused_linear_logprob(h.reshape(b * R, H)[flat], lm_head_weight, mb.targets.reshape(-1)[flat],
+                               temperature=temperature, return_entropy=return_entropy)
+    logp, ent = (out if return_entropy else (out, None))
+    full = torch.zeros(b * R, dtype=torch.float32, device=h.device).masked_scatter(flat, logp).view(b, R)
+    if not return_entropy:
+        return full
+    full_ent = torch.zeros(b * R, dtype=torch.float32, device=h.device).masked_scatter(flat, ent).view(b, R)
+    return full, full_ent
+
+
+# ------------------------------------------------------------------------------------------------ roles
+
+@dataclass
+class Role:
+    """A named policy with its own weights, optimizer, frozen reference and settings."""
+
+    name: str
+    policy: Policy
+    cfg: RoleConfig
+    engine: RolloutEngine
+    optimizer: torch.optim.Optimizer = field(init=False)
+    reference: torch.nn.Module | None = field(default=None, init=False)
+    step: int = 0
+    skipped_steps: int = 0
+
+    def __post_init__(self) -> None:
+        params = [p for p in self.policy.model.parameters() if p.requires_grad]
+        # foreach=False keeps CPU optimizer steps bit-identical between runs of different batching.
+        self.optimizer = torch.optim.AdamW(params, lr=self.cfg.lr, betas=tuple(self.cfg.betas),
+                                           weight_decay=self.cfg.weight_decay, foreach=False)
+
+    def freeze_reference(self) -> None:
+        """Freeze a copy of the current weights as the KL reference (the trainer instead loads the
+        stage-start weights from disk so that a resumed stage gets the same reference)."""
+        if self.cfg.kl_coef == 0:
+            self.reference = None
+            return
+        ref = copy.deepcopy(self.policy.model).eval()
+        for p in ref.parameters():
+            p.requires_grad_(False)
+        self.reference = ref
+
+    def offload_optimizer(self) -> None:
+        """Move AdamW state to the CPU while another role trains."""
+        self._move_optimizer(torch.device("cpu"))
+
+    def onload_optimizer(self) -> None:
+        self._move_optimizer(self.policy.device)
+
+    def _move_optimizer(self, device: torch.device) -> None:
+        for state in self.optimizer.state.values():
+            for k, v in state.items():
+                if isinstance(v, torch.Tensor) and k != "step":
+                    state[k] = v.to(device, non_blocking=True)
+
+    # ----------------------------------------------------------------------------------- the GRPO step
+
+    def grpo_step(self, requests: list[Request], reward_fn: RewardFn, *, timer: StageTimer,
+                  drop_zero_variance: bool = False) -> dict:
+        """One rollout batch -> `mini_batches` optimizer steps. Returns device-tensor metrics."""
+        cfg = self.cfg
+        with timer("rollout"):
+            outputs = self.engine.generate(requests)
+        with timer("reward"):
+            rewards = reward_fn(outputs).to(torch.float32)  # [G, n]
+        adv = group_advantages(rewards, kind=cfg.advantage)
+        keep = keep_groups(rewards, drop_zero_variance=drop_zero_variance)
+        kept = [o for o, k in zip(outputs, keep.tolist()) if k]
+        lengths = torch.tensor([len(s.token_ids) for o in outputs for s in o.samples], dtype=torch.float32)
+        metrics = {
+            "reward_mean": rewards.mean(), "reward_std": rewards.std() if rewards.numel() > 1 else rewards.new_zeros(()),
+            "response_length_mean": lengths.mean(), "response_length_max": lengths.max(),
+            "groups_kept": torch.tensor(float(len(kept))), "groups": torch.tensor(float(len(outputs))),
+            "rollout_tokens_per_s": torch.tensor(float(self.engine.stats.tokens_per_s)),
+        }
+        if kept:
+            batch = SampleBatch.from_outputs(kept, adv[keep])
+            metrics.update(self.train_on(batch, timer=timer))
+        self.step += 1
+        return metrics
+
+    def train_on(self, batch: SampleBatch, *, timer: StageTimer) -> dict:
+        """PPO epochs x mini-batches of clipped-GRPO updates on one rollout batch."""
+        cfg, policy, model = self.cfg, self.policy, self.policy.model
+        n = len(batch)
+        n_mini = min(cfg.mini_batches, n)
+        minis = [list(range(n))[k::n_mini] for k in range(n_mini)]  # strided: every mini-batch mixes groups
+        off_policy = n_mini > 1 or cfg.epochs > 1
+        R = batch.max_response
+        agg_norm = cfg.agg_norm or float(cfg.max_response_tokens)
+        with timer("logprob"):
+            if off_policy:
+                batch.old_logprobs = self._logprobs(model, batch, R)
+            if self.reference is not None:
+                batch.ref_logprobs = self._logprobs(self.reference, batch, R)
+        sums: dict[str, torch.Tensor] = {}
+        updates = 0
+        model.train()
+        with timer("train"):
+            for epoch in range(cfg.epochs):
+                for mini in minis:
+                    mb_metrics = self._update(batch, mini, R, agg_norm, first=(epoch == 0 and mini is minis[0]))
+                    for k, v in mb_metrics.items():
+                        sums[k] = sums.get(k, 0) + v
+                    updates += 1
+        out = {k: v / updates for k, v in sums.items() if k not in ("logprob_diff", "tokens", "skipped")}
+        out["tokens"] = sums["tokens"]  # response tokens trained on, summed over updates
+        out["skipped_updates"] = sums["skipped"]
+        out["logprob_diff"] = sums["logprob_diff"]
+        out["kl"] = out.pop("kl_mean")
+        return out
+
+    @torch.no_grad()
+    def _logprobs(self, model, batch: SampleBatch, R: int) -> torch.Tensor:
+        """[B, R] response log-probs of every sample under `model` (the policy or the reference)."""
+        out = torch.zeros(len(batch), R, dtype=torch.float32, device=self.policy.device)
+        weight = _lm_head_weight(model)
+        was_training = model.training
+        model.eval()
+        for idx in pack_micro_batches(batch.lengths(), self.cfg.micro_batch_tokens):
+            mb = collate(batch, idx, self.policy, R)
+            out[mb.rows] = token_logprobs(model, weight, mb, self.cfg.temperature)
+        model.train(was_training)
+        return out
+
+    def _update(self, batch: SampleBatch, mini: list[int], R: int, agg_norm: float, first: bool) -> dict:
+        """One optimizer step on the mini-batch `mini` (gradients accumulated over micro-batches)."""
+        totals = self.accumulate(batch, mini, R, agg_norm, first)
+        params = [p for p in self.policy.model.parameters() if p.requires_grad]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm=self.cfg.grad_clip or math.inf)
+        # One host sync per optimizer step: a non-finite loss or gradient must never reach the weights.
+        if bool(torch.isfinite(grad_norm) & torch.isfinite(totals["loss"])):
+            self.optimizer.step()
+            totals["skipped"] = torch.zeros((), device=self.policy.device)
+        else:
+            log.warning("%s step %d: non-finite loss or gradient (loss=%s, grad_norm=%s); update skipped",
+                        self.name, self.step, totals["loss"].item(), grad_norm.item())
+            self.skipped_steps += 1
+            totals["skipped"] = torch.ones((), device=self.policy.device)
+        self.optimizer.zero_grad(set_to_none=True)
+        totals["grad_norm"] = grad_norm.detach()
+        return totals
+
+    def accumulate(self, batch: SampleBatch, mini: list[int], R: int, agg_norm: float,
+                   first: bool = False) -> dict:
+        """Backward over the micro-batches of `mini`; the gradients sum to the whole mini-batch's."""
+        cfg, policy = self.cfg, self.policy
+        seq_agg = cfg.loss_agg != "token-mean"
+        divisor = float(len(mini)) if seq_agg else float(max(batch.response_tokens(mini), 1))
+        self.optimizer.zero_grad(set_to_none=True)
+        dev = policy.device
+        totals: dict[str, torch.Tensor] = {k: torch.zeros((), device=dev) for k in
+                                           ("loss", "entropy", "tokens", "logprob_abs_diff")}
+        all_lengths = batch.lengths()
+        for part in pack_micro_batches([all_lengths[i] for i in mini], cfg.micro_batch_tokens):
+            idx = [mini[j] for j in part]
+            mb = collate(batch, idx, policy, R)
+            logp, ent = token_logprobs(policy, policy.lm_head_weight, mb, cfg.temperature, return_entropy=True)
+            old = batch.old_logprobs[mb.rows] if batch.old_logprobs is not None else None
+            ref = batch.ref_logprobs[mb.rows] if batch.ref_logprobs is not None else None
+            loss, m = grpo_loss(logp, batch.advantages[mb.rows].to(dev), mb.mask, old_logprobs=old,
+                                ref_logprobs=ref, clip_low=cfg.clip_low, clip_high=cfg.clip_high,
+                                clip_c=cfg.clip_c or None, kl_coef=cfg.kl_coef if ref is not None else 0.0,
+                                kl_type=cfg.kl_type, loss_agg=cfg.loss_agg, agg_norm=agg_norm,
+                                agg_divisor=divisor)
+            loss.backward()
+            # The kernel's metrics are means over this micro-batch's tokens: weight them by token share.
+            tokens = mb.mask.sum()
+            share = tokens / max(batch.response_tokens(mini), 1)
+            for k, v in m.items():
+                totals[k] = totals.get(k, 0) + v.detach() * share
+            totals["loss"] += loss.detach()
+            totals["entropy"] += (ent.detach() * mb.mask).sum() / max(batch.response_tokens(mini), 1)
+            totals["tokens"] += tokens.float()
+            if first:
+                sampled = torch.nn.utils.rnn.pad_sequence(
+                    [batch.sample_logprobs[i] for i in idx], batch_first=True).to(dev)  # [b, r<=R]
+                diff = (logp.detach()[:, : sampled.shape[1]] - sampled).abs() * mb.mask[:, : sampled.shape[1]]
+                totals["logprob_abs_diff"] += diff.sum()
+        if first:
+            totals["logprob_diff"] = totals["logprob_abs_diff"] / max(batch.response_tokens(mini), 1)
+        del totals["logprob_abs_diff"]
+        return totals
+
+
+def _lm_head_weight(model) -> torch.Tensor:
+    return model.get_output_embeddings().weight

@@ -1,0 +1,10 @@
+"""Recipes built on the GRPO engine: each names its roles, their order per iteration, and its rewards."""
+
+
+def build_recipe(name: str, trainer):
+    """The one place that maps `train.recipe` to a recipe class."""
+    if name == "toy":
+        from vzero_fast.recipes.toy import ToyRecipe
+
+        return ToyRecipe(trainer)
+    raise ValueError(f"unknown recipe {name!r}")

@@ -1,0 +1,594 @@
+"""Rollout engines: sample n responses per (chat messages + images) request, for GRPO.
+
+`RolloutEngine` is the interface the trainer talks to; `NativeEngine` implements it with the policy's own
+parameters (zero copies, no weight hand-off); the vLLM backend is a later issue. `make_engine` is the one
+place that picks a backend and logs which one runs.
+
+Decisions:
+- One prefill per prompt, n samples decoded from it. The B prompts of a batch are left-padded and
+  prefilled together (the vision tower runs once per image, never n times); the KV cache and the last
+  hidden state are then expanded to the R = sum(n) sequences with `Cache.reorder_cache(row)` (an
+  index_select, row = repeat_interleave(arange(B), n)) and all R sequences decode together. HF
+  `generate` cannot do this: its num_return_sequences expands the inputs, so the image is encoded n times.
+- M-RoPE positions are computed here and passed explicitly: the prompt's from `get_rope_index` (the
+  function the training forward uses), and decode step t of prompt b at `max(prompt positions of b) + 1
+  + t` on all three axes -- equal to HF's `text position + rope_deltas`. Passing them keeps the model's
+  cached `rope_deltas` out of the loop; it would be wrong here after expansion with per-prompt n.
+- `Sample.logprobs` are `log_softmax(logits / T)[token]` of the model's raw logits in fp32, before the
+  repetition penalty, vision-token suppression and top-k/top-p truncation: exactly what the trainer
+  computes from the final hidden states (ALGORITHMS.md section 0), so the trainer's `logprob_diff` measures
+  numerics only. Greedy (T = 0) reports T = 1 log-probs. The logits come from `lm_head_logits`, which
+  keeps fp32 outputs for bf16 weights (HF's lm_head rounds them to bf16, whose spacing at |logit| in
+  [16, 32) is 0.125: errors up to 0.06 nats).
+- Sampling is vectorised over [R, V]: repetition penalty (HF semantics, over the prompt's real tokens
+  and the response so far; left padding excluded so a result does not depend on batch-mates' lengths),
+  vision special tokens set to -inf, temperature, top-k, top-p (HF semantics, ties at the k-th logit kept),
+  then argmax(probs / Exp(1)) -- an exact categorical draw without a host sync.
+- Randomness: one torch.Generator per batch on the policy's device. Its seed mixes the batch's
+  `params.seed`s; when no request has one, it is drawn from the engine's seed stream (`seed=` at
+  construction), so a run is reproducible from its seed. Samples of a request depend on its batch-mates.
+- Host syncs: one per decode step, the running count, to stop when all sequences are done and to
+  compact: when at most half of the active rows still run, the finished ones are dropped from the KV
+  cache and every per-row tensor (at most log2(R) copies; GRPO response lengths have a long tail).
+  Only with stop strings does the step also copy its [A] new tokens to the host, where the sequences
+  that have stop strings and still run decode their last (longest stop + 8) tokens and search them.
+- Batches are bounded by `max_batch_tokens` >= (longest prompt + longest max_new_tokens) * R, the KV
+  cache's size in tokens (Qwen2.5-VL-7B: 28 layers x 2 x 4 kv heads x 128 x 2 B = 57 KiB per token, so
+  65536 tokens = 3.7 GiB). Requests keep their order; one request always fits alone.
+- The KV cache is a transformers DynamicCache (grows by concatenation: O(length^2) copying; a static
+  cache is future work). Nothing is held between calls, so `sleep` only returns cached allocator blocks.
+
+Test: `pytest tests/test_rollout.py` (tiny random Qwen2.5-VL on CPU: ~10 s on 2 idle cores).
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+
+log = logging.getLogger("vzero_fast.rollout")
+
+FINISH_REASONS = ("eos", "stop", "length")
+_RUNNING, _EOS, _STOP, _LENGTH = 0, 1, 2, 3  # finish codes on the device; index FINISH_REASONS with code - 1
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Requests and results
+
+
+@dataclass(kw_only=True)
+class SamplingParams:
+    """How to sample the responses of one request (vLLM's names and meanings)."""
+
+    n: int = 1
+    """Responses sampled from the prompt (the GRPO group size)."""
+    temperature: float = 1.0
+    """Divides the logits before sampling; 0 = greedy (argmax)."""
+    top_p: float = 1.0
+    """Nucleus sampling: keep the smallest set of tokens with probability >= top_p (1.0 = off)."""
+    top_k: int = 0
+    """Keep the k most likely tokens (0 = off)."""
+    max_new_tokens: int = 64
+    """Longest response in tokens; reaching it finishes with reason "length"."""
+    repetition_penalty: float = 1.0
+    """HF repetition penalty over prompt and response tokens (1.0 = off)."""
+    stop: tuple[str, ...] = ()
+    """Strings that end a response (reason "stop"); the text is cut before the first one."""
+    seed: int | None = None
+    """Seed of the batch's generator (see the module docstring); None = the engine's seed stream."""
+
+    def __post_init__(self):
+        if isinstance(self.stop, str):
+            raise ValueError(f"stop must be a sequence of strings, not the string {self.stop!r}")
+        self.stop = tuple(self.stop)
+        checks = [
+            (isinstance(self.n, int) and self.n >= 1, "n", "an integer >= 1", self.n),
+            (self.temperature >= 0, "temperature", ">= 0", self.temperature),
+            (0 < self.top_p <= 1, "top_p", "in (0, 1]", self.top_p),
+            (isinstance(self.top_k, int) and self.top_k >= 0, "top_k", "an integer >= 0", self.top_k),
+            (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1, "max_new_tokens",
+             "an integer >= 1", self.max_new_tokens),
+            (self.repetition_penalty > 0, "repetition_penalty", "> 0", self.repetition_penalty),
+            (all(isinstance(s, str) and s for s in self.stop), "stop", "non-empty strings", self.stop),
+            (self.seed is None or isinstance(self.seed, int), "seed", "None or an integer", self.seed),
+        ]
+        for ok, name, allowed, value in checks:
+            if not ok:
+                raise ValueError(f"SamplingParams.{name} must be {allowed}, got {value!r}")
+
+
+@dataclass(kw_only=True)
+class Request:
+    """One prompt: chat messages whose content is a string or a list of image / text parts."""
+
+    messages: list[dict[str, Any]]
+    """[{"role": ..., "content": str | [{"type": "image", "image": PIL.Image}, {"type": "text", "text": str}]}]"""
+    params: SamplingParams = field(default_factory=SamplingParams)
+    """How to sample this request's responses."""
+    request_id: Any = None
+    """Caller's id, passed through untouched."""
+    meta: dict[str, Any] = field(default_factory=dict)
+    """Caller's data (e.g. the image's index or the ground truth), passed through untouched."""
+
+    def __post_init__(self):
+        for m in self.messages:
+            if not isinstance(m, dict) or "role" not in m or "content" not in m:
+                raise ValueError(f"a message needs 'role' and 'content', got {m!r}")
+            if not isinstance(m["content"], str):
+                for part in m["content"]:
+                    if part.get("type") not in ("image", "text"):
+                        raise ValueError(f"content parts are image or text, got {part!r}")
+
+    @classmethod
+    def from_image_text(cls, image, text: str, params: SamplingParams | None = None, *,
+                        system: str | None = None, request_id: Any = None,
+                        meta: dict[str, Any] | None = None) -> Request:
+        """The usual request: an optional system message, then one user turn with an image and text."""
+        messages = [{"role": "system", "content": system}] if system is not None else []
+        content = ([{"type": "image", "image": image}] if image is not None else []) + [{"type": "text", "text": text}]
+        messages.append({"role": "user", "content": content})
+        return cls(messages=messages, params=params or SamplingParams(), request_id=request_id, meta=meta or {})
+
+    @property
+    def images(self) -> list:
+        """The images of the messages, in order (the order of their placeholders in the prompt)."""
+        return [part["image"] for m in self.messages if not isinstance(m["content"], str)
+                for part in m["content"] if part["type"] == "image"]
+
+
+@dataclass
+class Sample:
+    """One sampled response. All tensors are on the CPU."""
+
+    token_ids: torch.Tensor
+    """[L] int64: the response only; eos included if produced; nothing after the token that ends a stop string."""
+    text: str
+    """Decoded response without special tokens, cut before the first stop string."""
+    logprobs: torch.Tensor
+    """[L] fp32: log_softmax(logits / T)[token] of the raw logits (T = 1 when greedy); see the module docstring."""
+    finish_reason: str
+    """"eos", "stop" or "length"."""
+
+
+@dataclass
+class RolloutOutput:
+    """The n samples of one request and the encoded prompt the trainer re-scores them with (CPU tensors)."""
+
+    request: Request
+    prompt_ids: torch.Tensor
+    """[P] int64: the prompt's tokens, no padding, image placeholders expanded."""
+    mm_token_type_ids: torch.Tensor
+    """[P] int64: 1 at image tokens (the training forward needs it for M-RoPE)."""
+    pixel_values: torch.Tensor | None
+    """[patches, C*t*p*p] this prompt's images (None without images)."""
+    image_grid_thw: torch.Tensor | None
+    """[images, 3] (t, h, w) patch grid of each image (None without images)."""
+    samples: list[Sample]
+
+
+@dataclass
+class EngineStats:
+    """The last `generate` call; tokens are generated (non-pad) response tokens."""
+
+    requests: int = 0
+    sequences: int = 0
+    batches: int = 0
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    decode_steps: int = 0
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    seconds: float = 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Generated tokens / wall seconds of the whole call (encoding, prefill and decode)."""
+        return self.generated_tokens / self.seconds if self.seconds > 0 else 0.0
+
+    def as_dict(self) -> dict[str, float]:
+        return {**self.__dict__, "tokens_per_s": self.tokens_per_s}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The interface
+
+
+class RolloutEngine(abc.ABC):
+    """Generates responses for requests; `stats` describes the last call."""
+
+    name: str = "?"
+
+    def __init__(self):
+        self.stats = EngineStats()
+
+    @abc.abstractmethod
+    def generate(self, requests: list[Request]) -> list[RolloutOutput]:
+        """One output per request, in order, each with `request.params.n` samples."""
+
+    @abc.abstractmethod
+    def sync_weights(self, policy) -> None:
+        """Make the next `generate` sample from `policy`'s current parameters."""
+
+    @abc.abstractmethod
+    def sleep(self) -> None:
+        """Release what the engine holds on the device between rollouts (e.g. while training)."""
+
+    @abc.abstractmethod
+    def wake(self) -> None:
+        """Re-acquire what `sleep` released."""
+
+
+def make_engine(policy, backend: str = "native", **kwargs) -> RolloutEngine:
+    """The one place a rollout backend is chosen; logs which one runs."""
+    if backend == "native":
+        engine = NativeEngine(policy, **kwargs)
+    elif backend == "vllm":
+        raise NotImplementedError("the vLLM rollout backend is not implemented yet (a later issue); use backend='native'")
+    else:
+        raise ValueError(f"unknown rollout backend {backend!r}; expected 'native' or 'vllm'")
+    log.info("rollout backend: %s", engine.name)
+    return engine
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Logits processing (pure functions on [R, V] fp32 logits; the tests check each against a direct formula)
+
+
+_LOGITS_PATH: dict[tuple[str, torch.dtype], str] = {}
+
+
+def lm_head_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """hidden [R, H] @ weight [V, H]^T -> [R, V] fp32 logits.
+
+    fp32 weights: F.linear. bf16/fp16 on CUDA: `torch.mm(..., out_dtype=float32)` (fp32 accumulate and
+    output, no weight copy) where this torch has it, else an fp32 upcast of the weight (4*V*H bytes per call:
+    2.2 GB for 7B, which is why it is the fallback). The path taken is logged once per (device, dtype).
+    """
+    key = (hidden.device.type, weight.dtype)
+    if weight.dtype == torch.float32:
+        path, out = "fp32 linear", F.linear(hidden.float(), weight)
+    elif hidden.is_cuda and _LOGITS_PATH.get(key) != "fp32 upcast":
+        try:
+            path, out = "mm out_dtype=fp32", torch.mm(hidden.to(weight.dtype), weight.t(), out_dtype=torch.float32)
+        except (TypeError, RuntimeError):
+            path, out = "fp32 upcast", F.linear(hidden.float(), weight.float())
+    else:
+        path, out = "fp32 upcast", F.linear(hidden.float(), weight.float())
+    if _LOGITS_PATH.get(key) is None:
+        _LOGITS_PATH[key] = path
+        log.info("rollout logits on %s with %s weights: %s", key[0], weight.dtype, path)
+    return out
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
+    """HF's repetition penalty: at seen tokens, positive logits / penalty, negative logits * penalty.
+
+    logits [R, V], seen [R, V] bool, penalty [R] (1.0 = no change)."""
+    p = penalty[:, None].to(logits.dtype)  # [R, 1]
+    return torch.where(seen, torch.where(logits < 0, logits * p, logits / p), logits)
+
+
+def suppress_tokens(logits: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    """Set the logits of token_ids [K] to -inf in place (vision special tokens must never be sampled)."""
+    logits.index_fill_(-1, token_ids, float("-inf"))
+    return logits
+
+
+def top_k_top_p_filter(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, *,
+                       max_k: int, any_top_p: bool) -> torch.Tensor:
+    """Per-row top-k then top-p (HF semantics) on temperature-scaled logits [R, V]; removed -> -inf.
+
+    top_k [R] (0 = off), top_p [R] (1.0 = off); max_k = max(top_k) and any_top_p = any(top_p < 1) are
+    host-side facts of the params, so no tensor is read back."""
+    neg_inf = float("-inf")
+    if max_k > 0:
+        kth = logits.topk(min(max_k, logits.shape[-1]), dim=-1).values  # [R, max_k] descending
+        k = top_k.clamp(1, kth.shape[-1])
+        thresh = kth.gather(-1, (k - 1)[:, None])  # [R, 1]: the k-th largest logit; ties at it are kept
+        logits = logits.masked_fill((logits < thresh) & (top_k > 0)[:, None], neg_inf)
+    if any_top_p:
+        srt, idx = logits.sort(dim=-1)  # [R, V] ascending
+        cum = srt.softmax(-1).cumsum(-1)  # [R, V]
+        drop = cum <= (1 - top_p)[:, None].to(cum.dtype)
+        drop[:, -1] = False  # the most likely token always stays
+        logits = logits.scatter(-1, idx, srt.masked_fill(drop, neg_inf))
+    return logits
+
+
+def sample_from_logits(logits: torch.Tensor, *, greedy: torch.Tensor, all_greedy: bool,
+                       generator: torch.Generator | None) -> torch.Tensor:
+    """Token [R] per row: argmax where greedy [R], else a draw from softmax(logits) via argmax(p / Exp(1))."""
+    best = logits.argmax(-1)  # [R]
+    if all_greedy:
+        return best
+    probs = logits.softmax(-1)  # [R, V]
+    # Exp(1) noise; clamped away from 0 so that 0/0 can never produce a NaN that argmax would pick.
+    q = torch.empty_like(probs).exponential_(generator=generator).clamp_min_(torch.finfo(probs.dtype).tiny)
+    return torch.where(greedy, best, (probs / q).argmax(-1))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Prompt encoding
+
+
+def render_messages(policy, messages: list[dict[str, Any]]) -> str:
+    """Chat-template text of the messages plus the assistant header; one <|image_pad|> per image part
+    (the processor expands it). Image objects are left out of what the template sees."""
+    plain = [m if isinstance(m["content"], str) else
+             {**m, "content": [{"type": "image"} if p["type"] == "image" else p for p in m["content"]]}
+             for m in messages]
+    return policy.processor.apply_chat_template(plain, add_generation_prompt=True)
+
+
+def _mix_seeds(seeds: list[int | None]) -> int:
+    h = 0
+    for s in seeds:
+        h = (h * 1_000_003 + (-1 if s is None else s) + 2) % (1 << 62)
+    return h
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The native engine
+
+
+class NativeEngine(RolloutEngine):
+    """Generates with the policy's own parameters: batched prefill, one image encoding per prompt, a KV cache
+    expanded n times, vectorised sampling. See the module docstring for the decisions."""
+
+    name = "native"
+
+    def __init__(self, policy, *, max_batch_tokens: int = 65536, seed: int = 0):
+        super().__init__()
+        if max_batch_tokens < 1:
+            raise ValueError(f"max_batch_tokens must be >= 1, got {max_batch_tokens}")
+        self.policy = policy
+        self.max_batch_tokens = max_batch_tokens
+        self._seed_stream = torch.Generator().manual_seed(seed)
+
+    # -- hooks -------------------------------------------------------------------------------------------
+    def sync_weights(self, policy) -> None:
+        """Nothing to copy: the engine samples with the policy's parameters. A different Policy is adopted."""
+        self.policy = policy
+
+    def sleep(self) -> None:
+        """Nothing is held between calls (the KV cache lives inside `generate`); hand cached blocks back."""
+        if self.policy.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def wake(self) -> None:
+        """Nothing to re-acquire: the next `generate` allocates its cache."""
+
+    # -- generate ----------------------------------------------------------------------------------------
+    def generate(self, requests: list[Request]) -> list[RolloutOutput]:
+        self.stats = stats = EngineStats(requests=len(requests))
+        if not requests:
+            return []
+        start = time.perf_counter()
+        policy, model = self.policy, self.policy.model
+        proc = policy.processor
+        images = [r.images for r in requests]
+        flat = [im for ims in images for im in ims]
+        enc = proc(text=[render_messages(policy, r.messages) for r in requests], images=flat or None,
+                   padding_side="left")  # CPU tensors
+        ids, mask, mm = enc["input_ids"], enc["attention_mask"], enc["mm_token_type_ids"]  # [N, T] each
+        grid = enc.get("image_grid_thw")  # [images, 3] or None
+        pixels = enc.get("pixel_values")  # [patches, C*t*p*p] or None
+        prompt_lens = mask.sum(1).tolist()
+        img_start = [0]
+        for ims in images:
+            img_start.append(img_start[-1] + len(ims))
+        patch_start = [0] + (grid.prod(-1).cumsum(0).tolist() if grid is not None else [])
+
+        outputs: list[RolloutOutput] = []
+        was_training = model.training
+        model.eval()
+        try:
+            for lo, hi in self._plan(requests, prompt_lens):
+                t_b = max(prompt_lens[lo:hi])  # left padding: the last t_b columns hold every prompt
+                i0, i1 = img_start[lo], img_start[hi]
+                p0, p1 = patch_start[i0], patch_start[i1]
+                b_grid = grid[i0:i1] if i1 > i0 else None
+                b_pixels = pixels[p0:p1] if i1 > i0 else None
+                params = [r.params for r in requests[lo:hi]]
+                with torch.inference_mode():
+                    res = self._run_batch(ids[lo:hi, -t_b:], mask[lo:hi, -t_b:], mm[lo:hi, -t_b:],
+                                          b_pixels, b_grid, params, stats)
+                tokens, logps, lengths, finish, cut = res
+                r = 0
+                for j, req in enumerate(requests[lo:hi]):
+                    b = lo + j
+                    keep = mask[b].bool()
+                    ims = slice(img_start[b] - i0, img_start[b + 1] - i0)
+                    has_img = img_start[b + 1] > img_start[b]
+                    samples = []
+                    for _ in range(req.params.n):
+                        n_tok = lengths[r]
+                        tok = tokens[r, :n_tok].clone()
+                        text = proc.tokenizer.decode(tok.tolist(), skip_special_tokens=True)
+                        if cut[r]:
+                            text = text[:_first_stop(text, req.params.stop)]
+                        samples.append(Sample(token_ids=tok, text=text, logprobs=logps[r, :n_tok].clone(),
+                                              finish_reason=FINISH_REASONS[finish[r] - 1]))
+                        r += 1
+                    outputs.append(RolloutOutput(
+                        request=req, prompt_ids=ids[b, keep].clone(), mm_token_type_ids=mm[b, keep].long(),
+                        pixel_values=(pixels[patch_start[img_start[b]]:patch_start[img_start[b + 1]]]
+                                      if has_img else None),
+                        image_grid_thw=b_grid[ims] if has_img else None, samples=samples))
+        finally:
+            model.train(was_training)
+        stats.seconds = time.perf_counter() - start
+        log.info("native rollout: %d requests, %d sequences in %d batches; %d prompt + %d generated tokens in "
+                 "%.2f s (prefill %.2f s, decode %.2f s, %d steps): %.1f generated tokens/s",
+                 stats.requests, stats.sequences, stats.batches, stats.prompt_tokens, stats.generated_tokens,
+                 stats.seconds, stats.prefill_seconds, stats.decode_seconds, stats.decode_steps,
+                 stats.tokens_per_s)
+        return outputs
+
+    def _plan(self, requests: list[Request], prompt_lens: list[int]) -> list[tuple[int, int]]:
+        """Consecutive [lo, hi) batches with (longest prompt + longest response) * sequences <= the budget."""
+        batches, lo, t_max, s_max, rows = [], 0, 0, 0, 0
+        for i, (req, t) in enumerate(zip(requests, prompt_lens, strict=True)):
+            t2, s2, rows2 = max(t_max, t), max(s_max, req.params.max_new_tokens), rows + req.params.n
+            if i > lo and (t2 + s2) * rows2 > self.max_batch_tokens:
+                batches.append((lo, i))
+                lo, t2, s2, rows2 = i, t, req.params.max_new_tokens, req.params.n
+            t_max, s_max, rows = t2, s2, rows2
+        batches.append((lo, len(requests)))
+        return batches
+
+    def _run_batch(self, ids, mask, mm, pixels, grid, params: list[SamplingParams], stats: EngineStats):
+        """Prefill B prompts, decode R = sum(n) sequences. Returns CPU tokens [R, S], logprobs [R, S],
+        lengths, finish codes and, per row, whether a stop string ended it (host lists)."""
+        policy, model = self.policy, self.policy.model
+        dev = policy.device
+        weight = policy.lm_head_weight  # [V, H]
+        vocab = weight.shape[0]
+        tok_dec = policy.processor.tokenizer
+        B, T = ids.shape
+        ns = [p.n for p in params]
+        R, S = sum(ns), max(p.max_new_tokens for p in params)
+        ids, mask, mm = ids.to(dev), mask.to(dev), mm.to(dev)
+        grid = grid.to(dev) if grid is not None else None
+        row = torch.repeat_interleave(torch.arange(B, device=dev), torch.tensor(ns, device=dev))  # [R] -> prompt
+
+        def per_row(values, dtype):  # a per-request value broadcast to its n rows: [R]
+            return torch.tensor(values, dtype=dtype, device=dev)[row]
+
+        temp = per_row([p.temperature for p in params], torch.float32)
+        greedy = temp == 0
+        temp = torch.where(greedy, torch.ones_like(temp), temp)  # greedy rows report T = 1 log-probs
+        top_k = per_row([p.top_k for p in params], torch.long)
+        top_p = per_row([p.top_p for p in params], torch.float32)
+        penalty = per_row([p.repetition_penalty for p in params], torch.float32)
+        max_new = per_row([p.max_new_tokens for p in params], torch.long)
+        max_k = max(p.top_k for p in params)
+        any_top_p = any(p.top_p < 1 for p in params)
+        all_greedy = all(p.temperature == 0 for p in params)
+        use_penalty = any(p.repetition_penalty != 1 for p in params)
+        eos_host = set(_as_list(policy.eos_token_id))
+        eos = torch.tensor(sorted(eos_host), device=dev)
+        vision = torch.tensor(sorted(policy.vision_token_ids), device=dev, dtype=torch.long)
+        pad = policy.pad_token_id
+        seeds = [p.seed for p in params]
+        seed = (_mix_seeds(seeds) if any(s is not None for s in seeds)
+                else int(torch.randint(1 << 62, (1,), generator=self._seed_stream)))
+        gen = torch.Generator(device=dev).manual_seed(seed)
+
+        # Prefill: the vision tower runs here, once per image of the B prompts.
+        t0 = time.perf_counter()
+        pos, _ = model.base_model.get_rope_index(ids, mm, image_grid_thw=grid, attention_mask=mask)  # [3, B, T]
+        next_pos = pos.amax(dim=(0, 2)) + 1  # [B]: M-RoPE position of the first response token
+        cache = DynamicCache(config=model.config)
+        out = model.base_model(input_ids=ids, attention_mask=mask, position_ids=pos,
+                               pixel_values=pixels.to(dev) if pixels is not None else None, image_grid_thw=grid,
+                               past_key_values=cache, use_cache=True)
+        hidden = out.last_hidden_state[:, -1][row]  # [R, H]: left padding puts every prompt's end last
+        cache.reorder_cache(row)  # [B, ...] -> [R, ...]: the n samples share the prompt's cache
+        seen = None
+        if use_penalty:
+            # [R, V] tokens seen so far; left padding goes to a dummy column V that is dropped.
+            seen = torch.zeros(B, vocab + 1, dtype=torch.bool, device=dev)
+            seen.scatter_(1, ids.masked_fill(mask == 0, vocab), True)
+            seen = seen[:, :vocab][row]
+        full_mask = torch.cat([mask[row], mask.new_ones(R, S)], dim=1)  # [R, T + S]
+        step_pos = next_pos[row]  # [R]
+        _sync(dev)
+        t1 = time.perf_counter()
+        stats.prefill_seconds += t1 - t0
+
+        tokens = torch.full((R, S), pad, dtype=torch.long, device=dev)  # [R, S]
+        logps = torch.zeros(R, S, dtype=torch.float32, device=dev)  # [R, S]
+        finish = torch.zeros(R, dtype=torch.long, device=dev)  # [R] finish code, 0 = running
+        lengths = torch.zeros(R, dtype=torch.long, device=dev)  # [R] tokens emitted while running
+        act = torch.arange(R, device=dev)  # [A] global row of each active (cache) row
+        running = torch.ones(R, dtype=torch.bool, device=dev)  # [A]
+        # Host-side stop-string state: global row -> (its stop strings, tokens so far).
+        stop_of = {r: params[b].stop for r, b in enumerate(row.tolist()) if params[b].stop}
+        stop_hist: dict[int, list[int]] = {r: [] for r in stop_of}
+        stop_window = {r: max(len(s) for s in st) + 8 for r, st in stop_of.items()}  # tokens >= 1 char each
+        cut = [False] * R  # host: a stop string ended this row
+        act_host = list(range(R))
+        steps = 0
+        for t in range(S):
+            raw = lm_head_logits(hidden, weight)  # [A, V] fp32
+            x = raw / temp[:, None]  # [A, V]: the distribution the trainer scores with
+            lse = x.logsumexp(-1)  # [A], taken before x is processed in place
+            if seen is not None:  # HF order: penalty, then temperature
+                x = apply_repetition_penalty(raw, seen, penalty) / temp[:, None]
+            x = top_k_top_p_filter(suppress_tokens(x, vision), top_k, top_p, max_k=max_k, any_top_p=any_top_p)
+            tok = sample_from_logits(x, greedy=greedy, all_greedy=all_greedy, generator=gen)  # [A]
+            lp = raw.gather(-1, tok[:, None])[:, 0] / temp - lse  # [A] log_softmax(raw / T)[tok]
+            tok = tok.masked_fill(~running, pad)
+            tokens[act, t] = tok
+            logps[act, t] = lp.masked_fill(~running, 0.0)
+            if seen is not None:
+                seen.scatter_(1, tok[:, None], True)
+            is_eos = running & torch.isin(tok, eos)
+            at_len = running & ~is_eos & (t + 1 >= max_new)
+            finish[act] = torch.where(is_eos, _EOS, torch.where(at_len, _LENGTH, finish[act]))
+            lengths[act] += running.long()  # still this step's running flags: the eos token counts
+            was_running = running
+            running = running & ~is_eos & ~at_len
+            steps += 1
+            # The step's one host sync: the running count, plus the new tokens when stop strings are in play.
+            if stop_of:
+                host_tok, host_was = torch.stack([tok, was_running.long()]).tolist()
+                stopped = []
+                for a, r in enumerate(act_host):  # per-sequence string matching: only rows with stop strings
+                    if r in stop_of and host_was[a] and host_tok[a] not in eos_host:
+                        stop_hist[r].append(host_tok[a])
+                        tail = tok_dec.decode(stop_hist[r][-stop_window[r]:], skip_special_tokens=True)
+                        if any(s in tail for s in stop_of[r]):
+                            stopped.append(a)
+                            cut[r] = True
+                if stopped:
+                    idx = torch.tensor(stopped, device=dev)
+                    running[idx] = False
+                    finish[act[idx]] = _STOP
+            n_run = int(running.sum())
+            if n_run == 0 or t + 1 == S:
+                break
+            if 2 * n_run <= len(act):  # compact: drop finished rows from the cache and every [A] tensor
+                keep = running.nonzero()[:, 0]  # [A']
+                cache.reorder_cache(keep)
+                act, running, full_mask, step_pos, tok = (v[keep] for v in (act, running, full_mask, step_pos, tok))
+                temp, greedy, top_k, top_p, penalty, max_new = (v[keep] for v in (temp, greedy, top_k, top_p,
+                                                                                  penalty, max_new))
+                seen = seen[keep] if seen is not None else None
+                act_host = act.tolist()
+            # One decode step for the active rows: text position continues after the prompt on all 3 axes.
+            out = model.base_model(input_ids=tok[:, None], attention_mask=full_mask[:, : T + t + 1],
+                                   position_ids=(step_pos + t).view(1, -1, 1).expand(3, -1, 1),
+                                   past_key_values=cache, use_cache=True)
+            hidden = out.last_hidden_state[:, -1]  # [A, H]
+        _sync(dev)
+        stats.decode_seconds += time.perf_counter() - t1
+        stats.decode_steps += steps
+        stats.batches += 1
+        stats.sequences += R
+        stats.prompt_tokens += int(mask.sum())
+        lengths_host = lengths.tolist()
+        stats.generated_tokens += sum(lengths_host)
+        return tokens.cpu(), logps.cpu(), lengths_host, finish.tolist(), cut
+
+
+def _first_stop(text: str, stops: tuple[str, ...]) -> int:
+    hits = [text.find(s) for s in stops if s in text]
+    return min(hits) if hits else len(text)
+
+
+def _as_list(x) -> list[int]:
+    return list(x) if isinstance(x, (list, tuple)) else [x]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

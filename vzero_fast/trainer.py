@@ -1,0 +1,168 @@
+"""The trainer: roles in one process, iterations of stages, metrics, checkpoints, exact resume.
+
+A recipe (vzero_fast/recipes/) names its roles and, per iteration, the order in which they train; for
+each stage it runs GRPO steps through `Trainer.step_done`, which writes the step's metrics, saves every
+`save_every` steps and stops cleanly on SIGTERM/SIGINT. The trainer owns everything a resume needs:
+
+    state = {iteration, stage, stage_step, global_step, metrics_lines}
+
+Decisions:
+- Every random draw of a step is seeded from (seed, role, iteration, step) (`step_seed`), and the data
+  a step sees is a pure function of the same counters, so restoring the counters restores the run:
+  a resumed run writes exactly the metrics an uninterrupted one would.
+- The KL reference of a role's stage is the role at the start of that stage (as in V-Zero's reference
+  code, which restarts each stage from the previous checkpoint with ref = actor). It is loaded from
+  that stage's starting directory (the base model, or `checkpoints/<role>/iter-<k-1>`), so a resumed
+  stage gets the same reference; roles starting from the same directory share one frozen copy.
+- A role's weights are written at the end of each of its stages as `iter-<k>` (kept always).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from vzero_fast.checkpoint import CheckpointManager, StopFlag, load_weights_into
+from vzero_fast.config import Config, RoleConfig, save_config
+from vzero_fast.grpo import Role
+from vzero_fast.metrics import MetricsWriter, StageTimer, truncate_metrics
+from vzero_fast.model import Policy, load_policy, resolve_device
+from vzero_fast.rollout import NativeEngine
+
+log = logging.getLogger("vzero_fast.trainer")
+
+
+class Stopped(Exception):
+    """Raised after a signal-triggered checkpoint: the run ends cleanly and `--resume` continues it."""
+
+
+def step_seed(*keys: int | str) -> int:
+    """A 63-bit seed from counters and names, stable across runs and Python processes."""
+    ints = [k if isinstance(k, int) else int.from_bytes(k.encode(), "little") % (2**32) for k in keys]
+    return int(np.random.SeedSequence(ints).generate_state(2, dtype=np.uint32).astype(np.uint64)
+               .dot(np.array([1, 2**32], dtype=np.uint64)) % (2**63))
+
+
+class Trainer:
+    def __init__(self, cfg: Config, *, resume: bool = False):
+        self.cfg = cfg
+        self.run_dir = Path(cfg.train.out)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.device = resolve_device(cfg.train.device)
+        torch.manual_seed(cfg.train.seed)
+        self.model_path = self._model_path()
+        save_config(cfg, self.run_dir / "config.toml")
+        self.timer = StageTimer(self.device)
+        self.ckpt = CheckpointManager(self.run_dir, keep_last=cfg.train.keep_last)
+        self.resume = resume
+        if not resume:
+            truncate_metrics(self.run_dir / "metrics.jsonl", 0)
+        self.roles: dict[str, Role] = {}
+        self.state: dict[str, Any] = {"iteration": 1, "stage": 0, "stage_step": 0, "global_step": 0,
+                                      "metrics_lines": 0}
+        self._refs: dict[str, torch.nn.Module] = {}
+        self.stop = StopFlag()
+        self.writer: MetricsWriter | None = None
+
+    def _model_path(self) -> Path:
+        if self.cfg.model.path:
+            return Path(self.cfg.model.path)
+        from vzero_fast.tiny import build_tiny
+
+        path = self.run_dir / "tiny-model"
+        if not (path / "config.json").exists():
+            log.info("no --model given: building the offline tiny Qwen2.5-VL in %s", path)
+            build_tiny(path, seed=self.cfg.model.tiny_seed)
+        return path
+
+    # ------------------------------------------------------------------------------------------ roles
+
+    def load_policy(self) -> Policy:
+        m = self.cfg.model
+        policy = load_policy(self.model_path, dtype=m.dtype, attn_implementation=m.attn_implementation,
+                             device=str(self.device))
+        if m.gradient_checkpointing:
+            policy.model.gradient_checkpointing_enable()
+        return policy
+
+    def add_role(self, name: str, role_cfg: RoleConfig) -> Role:
+        policy = self.load_policy()
+        role = Role(name=name, policy=policy, cfg=role_cfg, engine=NativeEngine(policy))
+        self.roles[name] = role
+        return role
+
+    def stage_start_dir(self, role: str, iteration: int) -> Path:
+        return self.model_path if iteration == 1 else self.ckpt.root / role / f"iter-{iteration - 1}"
+
+    def set_reference(self, role: Role, iteration: int) -> None:
+        """Freeze the role's stage-start weights as its KL reference (shared between roles per dir)."""
+        if role.cfg.kl_coef == 0:
+            role.reference = None
+            return
+        src = str(self.stage_start_dir(role.name, iteration))
+        needed = {src} | {str(self.stage_start_dir(r, iteration)) for r in self.roles if r != role.name}
+        self._refs = {k: v for k, v in self._refs.items() if k in needed}  # free stale references
+        if src not in self._refs:
+            ref = self.load_policy().model.eval()
+            if src != str(self.model_path):
+                load_weights_into(ref, src)
+            for p in ref.parameters():
+                p.requires_grad_(False)
+            self._refs[src] = ref
+        role.reference = self._refs[src]
+
+    # ------------------------------------------------------------------------------------------- loop
+
+    def run(self, recipe) -> dict[str, Any]:
+        """Run every iteration and stage of `recipe`, resuming from the last checkpoint when asked."""
+        if self.resume:
+            self.state = self.ckpt.restore(self.roles)
+            truncate_metrics(self.run_dir / "metrics.jsonl", self.state["metrics_lines"])
+        self.writer = MetricsWriter(self.run_dir / "metrics.jsonl")
+        start = time.perf_counter()
+        try:
+            with self.stop:
+                for it in range(self.state["iteration"], self.cfg.train.iterations + 1):
+                    stages = recipe.stages(it)
+                    for si in range(self.state["stage"] if it == self.state["iteration"] else 0, len(stages)):
+                        name = stages[si]
+                        self.state.update(iteration=it, stage=si)
+                        role = self.roles[name]
+                        self.set_reference(role, it)
+                        for other in self.roles.values():
+                            (other.onload_optimizer if other is role else other.offload_optimizer)()
+                        recipe.run_stage(self, it, name, start_step=self.state["stage_step"])
+                        self.ckpt.save_role(role, tag=f"iter-{it}")
+                        self.state.update(stage=si + 1, stage_step=0)
+                    self.state.update(iteration=it + 1, stage=0)
+                self.save()
+        except Stopped:
+            log.warning("stopped; continue with --resume (checkpoint in %s)", self.ckpt.root)
+        finally:
+            self.writer.close()
+        self.state["wall_s"] = time.perf_counter() - start
+        return self.state
+
+    def step_done(self, role: Role, metrics: dict[str, Any]) -> dict[str, Any]:
+        """Write one step's metrics; save every `save_every` steps; stop cleanly after a signal."""
+        self.state["stage_step"] += 1
+        self.state["global_step"] += 1
+        row = {"role": role.name, "iteration": self.state["iteration"], "step": self.state["stage_step"],
+               "global_step": self.state["global_step"], "role_step": role.step, **metrics, **self.timer.pop()}
+        row = self.writer.write(row)
+        self.state["metrics_lines"] += 1
+        every = self.cfg.train.save_every
+        if (every and self.state["global_step"] % every == 0) or self.stop.requested:
+            self.save()
+        if self.stop.requested:
+            raise Stopped()
+        return row
+
+    def save(self) -> Path:
+        with self.timer("checkpoint"):
+            return self.ckpt.save(self.roles, dict(self.state))
