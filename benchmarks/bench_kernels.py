@@ -25,9 +25,15 @@ import os
 
 import pytest
 import torch
-
-from vzero_fast.kernels import (force_backend, fused_linear_logprob, fused_linear_logprob_reference,
-                                grpo_loss, grpo_loss_reference, vote_count, vote_count_reference)
+from vzero_fast.kernels import (
+    force_backend,
+    fused_linear_logprob,
+    fused_linear_logprob_reference,
+    grpo_loss,
+    grpo_loss_reference,
+    vote_count,
+    vote_count_reference,
+)
 
 N, H, V = 2048, 1024, 152064
 MEMORY_TARGET = 0.10  # fused extra memory / naive extra memory

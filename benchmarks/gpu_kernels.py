@@ -41,9 +41,14 @@ if "--smoke" in sys.argv and not torch.cuda.is_available():
 
 import triton  # noqa: E402
 import triton.testing  # noqa: E402
-
-from vzero_fast.kernels import (force_backend, fused_grpo_loss, fused_linear_logprob,  # noqa: E402
-                                fused_linear_logprob_reference, grpo_loss, vote_count)
+from vzero_fast.kernels import (  # noqa: E402
+    force_backend,
+    fused_grpo_loss,
+    fused_linear_logprob,
+    fused_linear_logprob_reference,
+    grpo_loss,
+    vote_count,
+)
 
 PEAK_TFLOPS = 790.0  # bf16 dense matmul measured on the H100 (shared/ENVIRONMENT.md)
 TARGETS = {"speedup_vs_eager": 1.5, "tflops": 400.0, "tflops_stretch": 600.0, "memory_share": 0.05}

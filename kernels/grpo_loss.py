@@ -337,7 +337,7 @@ def grpo_loss(logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tens
     impl = _triton_grpo if backend == "triton" else _torch_grpo
     loss, sums = impl(logprobs, old_logprobs, ref_logprobs, advantages.detach(), mask, scale, cfg)
     n_tokens = mask.sum().to(torch.float32).clamp(min=1.0)
-    metrics = dict(zip(METRICS, (sums / n_tokens).unbind(0)))
+    metrics = dict(zip(METRICS, (sums / n_tokens).unbind(0), strict=True))
     return loss, metrics
 
 
@@ -381,7 +381,7 @@ def grpo_loss_reference(logprobs, advantages, mask, *, old_logprobs=None, ref_lo
     if loss_agg == "token-mean":
         loss = sum(seq_sums, zero) / max(float(agg_divisor if agg_divisor is not None else total), 1.0)
     else:
-        kept = [(s, n) for s, n in zip(seq_sums, seq_counts) if n > 0]
+        kept = [(s, n) for s, n in zip(seq_sums, seq_counts, strict=True) if n > 0]
         n_seq = max(float(agg_divisor if agg_divisor is not None else len(kept)), 1.0)
         norm = T if agg_norm is None else agg_norm
         per_seq = [s / n if loss_agg == "seq-mean-token-mean" else s / norm for s, n in kept]

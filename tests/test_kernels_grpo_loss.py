@@ -8,9 +8,14 @@ from __future__ import annotations
 import pytest
 import torch
 from tolerances import METRIC_ATOL, assert_fp32_close
-
-from vzero_fast.kernels import (force_backend, fused_grpo_loss, fused_grpo_loss_reference,
-                                fused_linear_logprob_reference, grpo_loss, grpo_loss_reference)
+from vzero_fast.kernels import (
+    force_backend,
+    fused_grpo_loss,
+    fused_grpo_loss_reference,
+    fused_linear_logprob_reference,
+    grpo_loss,
+    grpo_loss_reference,
+)
 from vzero_fast.kernels.grpo_loss import KL_TYPES, LOSS_AGGS, METRICS
 
 TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU = the interpreter (tests/conftest.py)
@@ -117,7 +122,7 @@ def test_masked_garbage_is_ignored(backend):
     """Padding may hold NaN / inf in any input: identical loss and gradient to zeros there."""
     logp, old, ref, adv, mask = _batch(seed=4, adv_2d=True)
     dirty = [x.clone() for x in (logp, old, ref, adv)]
-    for x, bad in zip(dirty, (float("nan"), float("inf"), float("-inf"), float("nan"))):
+    for x, bad in zip(dirty, (float("nan"), float("inf"), float("-inf"), float("nan")), strict=True):
         x[~mask] = bad
     kw = dict(kl_coef=0.1, clip_c=3.0, loss_agg="seq-mean-token-mean")
     with force_backend(backend):

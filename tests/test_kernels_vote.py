@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from vzero_fast.kernels import force_backend, vote_count, vote_count_reference
 
 TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU = the interpreter (tests/conftest.py)
@@ -20,7 +19,7 @@ def _device(backend):
 def _check(backend, ids):
     with force_backend(backend):
         got = vote_count(ids.to(_device(backend)))
-    for name, a, e in zip(("majority_id", "majority_count", "valid_count"), got, vote_count_reference(ids)):
+    for name, a, e in zip(("majority_id", "majority_count", "valid_count"), got, vote_count_reference(ids), strict=True):
         assert a.dtype == torch.int64 and a.shape == (ids.shape[0],), name
         assert torch.equal(a.cpu(), e), (name, ids, a, e)
 

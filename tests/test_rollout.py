@@ -193,6 +193,13 @@ def test_eos_stop_and_length(tiny_policy, images):
     assert out_stop.finish_reason == "stop"
     assert out_stop.token_ids.tolist() == ref[:first + 1].tolist()  # up to the token completing the stop
     assert out_stop.text == text[:text.find(stop)] and stop not in out_stop.text
+    # ignore_eos (mixed in a batch with a normal request): that row runs to its length, eos never sampled,
+    # and it follows the eos-banned greedy path, while its batch-mate still stops at eos.
+    mixed = [reqs[0], Request.from_image_text(images[1], TEXTS[1], SamplingParams(**greedy, ignore_eos=True))]
+    stops_at_eos, runs_on = (o.samples[0] for o in NativeEngine(policy).generate(mixed))
+    assert stops_at_eos.finish_reason == "eos"
+    assert runs_on.finish_reason == "length" and len(runs_on.token_ids) == 12 and eos not in runs_on.token_ids
+    assert runs_on.token_ids[:len(out_eos.token_ids) - 1].tolist() == out_eos.token_ids[:-1].tolist()
 
 
 def test_vision_tokens_never_sampled(tiny_policy):

@@ -81,6 +81,8 @@ class SamplingParams:
     """HF repetition penalty over prompt and response tokens (1.0 = off)."""
     stop: tuple[str, ...] = ()
     """Strings that end a response (reason "stop"); the text is cut before the first one."""
+    ignore_eos: bool = False
+    """Never sample eos (vLLM's ignore_eos): every response runs to max_new_tokens (fixed-length benchmarks)."""
     seed: int | None = None
     """Seed of the batch's generator (see the module docstring); None = the engine's seed stream."""
 
@@ -469,6 +471,7 @@ class NativeEngine(RolloutEngine):
         top_p = per_row([p.top_p for p in params], torch.float32)
         penalty = per_row([p.repetition_penalty for p in params], torch.float32)
         max_new = per_row([p.max_new_tokens for p in params], torch.long)
+        no_eos = per_row([p.ignore_eos for p in params], torch.bool) if any(p.ignore_eos for p in params) else None
         max_k = max(p.top_k for p in params)
         any_top_p = any(p.top_p < 1 for p in params)
         all_greedy = all(p.temperature == 0 for p in params)
@@ -523,7 +526,10 @@ class NativeEngine(RolloutEngine):
             lse = x.logsumexp(-1)  # [A], taken before x is processed in place
             if seen is not None:  # HF order: penalty, then temperature
                 x = apply_repetition_penalty(raw, seen, penalty) / temp[:, None]
-            x = top_k_top_p_filter(suppress_tokens(x, vision), top_k, top_p, max_k=max_k, any_top_p=any_top_p)
+            x = suppress_tokens(x, vision)
+            if no_eos is not None:  # ignore_eos rows: eos gets probability 0
+                x[:, eos] = x[:, eos].masked_fill(no_eos[:, None], float("-inf"))
+            x = top_k_top_p_filter(x, top_k, top_p, max_k=max_k, any_top_p=any_top_p)
             tok = sample_from_logits(x, greedy=greedy, all_greedy=all_greedy, generator=gen)  # [A]
             lp = raw.gather(-1, tok[:, None])[:, 0] / temp - lse  # [A] log_softmax(raw / T)[tok]
             tok = tok.masked_fill(~running, pad)
@@ -563,6 +569,7 @@ class NativeEngine(RolloutEngine):
                 temp, greedy, top_k, top_p, penalty, max_new = (v[keep] for v in (temp, greedy, top_k, top_p,
                                                                                   penalty, max_new))
                 seen = seen[keep] if seen is not None else None
+                no_eos = no_eos[keep] if no_eos is not None else None
                 act_host = act.tolist()
             # One decode step for the active rows: text position continues after the prompt on all 3 axes.
             out = model.base_model(input_ids=tok[:, None], attention_mask=full_mask[:, : T + t + 1],
