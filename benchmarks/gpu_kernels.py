@@ -56,8 +56,8 @@ TARGETS = {"speedup_vs_eager": 1.5, "tflops": 400.0, "tflops_stretch": 600.0, "m
 
 def _commit() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip() or "uncommitted"
+        return subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=7"], capture_output=True,
+                              text=True, check=True).stdout.strip() or "uncommitted"
     except (OSError, subprocess.CalledProcessError):
         return "uncommitted"
 

@@ -335,8 +335,11 @@ def _torch_bwd(hidden, weight, targets, lse, ent, g_lp, g_ent, inv_temp: float,
         dz.scatter_add_(1, idx, torch.where(inside, g_lp, 0.0).unsqueeze(1))
         if need_h:
             grad_h.addmm_(dz, w)
-        if need_w:
-            grad_w[lo:lo + chunk] = dz.T @ h  # d/dW of (h/T) W^T
+        if need_w:  # d/dW of (h/T) W^T
+            if grad_w.dtype == cdt:
+                torch.mm(dz.T, h, out=grad_w[lo:lo + chunk])
+            else:
+                grad_w[lo:lo + chunk] = dz.T @ h
     return (grad_h.mul_(inv_temp).to(hidden.dtype) if need_h else None), grad_w
 
 
