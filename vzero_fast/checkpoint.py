@@ -20,6 +20,10 @@ Decisions:
   the last `keep_last` trainer states.
 - RNG: all sampling randomness is derived from (seed, role, step) counters, so the state holds counters,
   not generator states; the torch/numpy/python global states are saved too for anything else.
+- Many ranks (vzero_fast/distributed.py): every rank takes part in gathering a sharded model's full state
+  dict and the full optimizer state (keyed by parameter name); rank 0 alone writes files, and the others
+  wait at a barrier. On restore rank 0 reads the files and the shards are broadcast from it; the counters
+  reach the other ranks the same way. Full, unsharded state on disk: a run resumes on any number of ranks.
 """
 
 from __future__ import annotations
@@ -37,6 +41,8 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors.torch import load_file
+
+from vzero_fast import distributed as dist
 
 log = logging.getLogger("vzero_fast.checkpoint")
 
@@ -68,7 +74,17 @@ def save_model_dir(model: torch.nn.Module, source_dir: str | Path, out: str | Pa
 
 
 def load_weights_into(model: torch.nn.Module, model_dir: str | Path) -> None:
-    """Copy the safetensors weights of an HF model directory into an existing model, in place."""
+    """Copy the safetensors weights of an HF model directory into an existing model, in place. A sharded
+    model (FSDP2) takes them from rank 0, which alone reads the files; every rank must call this."""
+    if dist.is_sharded(model):
+        state = read_weights(model, model_dir) if dist.is_main() else {}
+    else:
+        state = read_weights(model, model_dir)
+    dist.load_full_state_dict(model, state)
+
+
+def read_weights(model: torch.nn.Module, model_dir: str | Path) -> dict[str, torch.Tensor]:
+    """The safetensors weights of an HF model directory, keyed like `model.state_dict()` (CPU tensors)."""
     model_dir = Path(model_dir)
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
@@ -76,22 +92,21 @@ def load_weights_into(model: torch.nn.Module, model_dir: str | Path) -> None:
     state: dict[str, torch.Tensor] = {}
     for f in files:
         state.update(load_file(f))
-    own = model.state_dict()
     # save_pretrained may write names in the checkpoint convention; map them back by suffix match.
-    missing = []
-    with torch.no_grad():
-        for name, tensor in own.items():
-            src = state.get(name)
-            if src is None:
-                src = _find_by_suffix(state, name)
-            if src is None:
-                missing.append(name)
-                continue
-            tensor.copy_(src.to(tensor.dtype))
+    out, missing = {}, []
+    for name in model.state_dict():
+        src = state.get(name)
+        if src is None:
+            src = _find_by_suffix(state, name)
+        if src is None:
+            missing.append(name)
+            continue
+        out[name] = src
     tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
     missing = [m for m in missing if not (tied and m.endswith("lm_head.weight"))]
     if missing:
         raise KeyError(f"{model_dir}: weights missing for {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    return out
 
 
 def _find_by_suffix(state: dict[str, torch.Tensor], name: str) -> torch.Tensor | None:
@@ -119,20 +134,28 @@ class CheckpointManager:
         """HF directory of a role; `tag` (e.g. "iter-1") names a kept directory, else step-NNNNNN."""
         name = tag or f"step-{role.step:06d}"
         prev = self._saved.get(role.name)
-        if prev and prev[0] == role.step and prev[1].exists():
+        # Rank 0's view of the filesystem decides, so that every rank takes the same (collective) branch.
+        unchanged = dist.broadcast_object(bool(prev and prev[0] == role.step and prev[1].exists()))
+        out = self.root / role.name / name
+        if unchanged:
             if tag is None or prev[1].name == name:
                 return prev[1]
-            out = self.root / role.name / name  # same weights under a kept name: copy, don't re-serialise
-            tmp = _tmp_sibling(out)
-            shutil.rmtree(tmp, ignore_errors=True)
-            shutil.copytree(prev[1], tmp)
-            if out.exists():
-                shutil.rmtree(out)
-            os.replace(tmp, out)
+            if dist.is_main():  # same weights under a kept name: copy, don't re-serialise
+                tmp = _tmp_sibling(out)
+                shutil.rmtree(tmp, ignore_errors=True)
+                shutil.copytree(prev[1], tmp)
+                if out.exists():
+                    shutil.rmtree(out)
+                os.replace(tmp, out)
         else:
-            out = save_model_dir(role.policy.model, role.policy.path, self.root / role.name / name)
+            model = role.policy.model
+            state = dist.full_state_dict(model) if dist.is_sharded(model) else None  # every rank gathers
+            if dist.is_main():
+                save_model_dir(model, role.policy.path, out, state_dict=state)
+        dist.barrier()
         self._saved[role.name] = (role.step, out)
-        self._prune_role(role.name)
+        if dist.is_main():
+            self._prune_role(role.name)
         return out
 
     def role_dirs(self, role_name: str) -> list[Path]:
@@ -151,22 +174,28 @@ class CheckpointManager:
     def save(self, roles: dict[str, Any], state: dict[str, Any]) -> Path:
         """Save every role (weights only where changed) and the trainer state; then point latest at it."""
         role_dirs = {name: str(self.save_role(role).relative_to(self.root)) for name, role in roles.items()}
-        seq = self._next_seq()
-        payload = {
-            "state": state,
-            "roles": {name: {"dir": role_dirs[name], "step": role.step, "skipped_steps": role.skipped_steps,
-                             "optimizer": role.optimizer.state_dict()} for name, role in roles.items()},
-            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
-        }
+        # Full optimizer states keyed by parameter name (gathered to rank 0 when sharded: every rank calls).
+        optim = {name: dist.optimizer_state(role.policy.model, role.optimizer) for name, role in roles.items()}
+        seq = dist.broadcast_object(self._next_seq() if dist.is_main() else None)
         path = self.root / f"trainer_state-{seq:06d}.pt"
-        tmp = _tmp_sibling(path)
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-        latest_tmp = _tmp_sibling(self.root / "latest.json")
-        latest_tmp.write_text(json.dumps({"trainer_state": path.name, "roles": role_dirs, "state": state}, indent=1))
-        os.replace(latest_tmp, self.root / "latest.json")
-        self._prune_states()
-        log.info("checkpoint %s (%s)", path.name, ", ".join(f"{k}: {v}" for k, v in role_dirs.items()))
+        if dist.is_main():
+            payload = {
+                "state": state,
+                "roles": {name: {"dir": role_dirs[name], "step": role.step, "skipped_steps": role.skipped_steps,
+                                 "optimizer": optim[name]} for name, role in roles.items()},
+                "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+                "world_size": dist.world_size(),
+            }
+            tmp = _tmp_sibling(path)
+            torch.save(payload, tmp)
+            os.replace(tmp, path)
+            latest_tmp = _tmp_sibling(self.root / "latest.json")
+            latest_tmp.write_text(json.dumps({"trainer_state": path.name, "roles": role_dirs, "state": state},
+                                             indent=1))
+            os.replace(latest_tmp, self.root / "latest.json")
+            self._prune_states()
+            log.info("checkpoint %s (%s)", path.name, ", ".join(f"{k}: {v}" for k, v in role_dirs.items()))
+        dist.barrier()
         return path
 
     def _next_seq(self) -> int:
@@ -190,19 +219,26 @@ class CheckpointManager:
         latest = self.latest()
         if latest is None:
             raise FileNotFoundError(f"--resume: no checkpoint in {self.root} (latest.json is missing)")
-        payload = torch.load(self.root / latest["trainer_state"], map_location="cpu", weights_only=False)
+        # Rank 0 reads the payload (optimizer states can be tens of GB); the others get its small part.
+        payload = (torch.load(self.root / latest["trainer_state"], map_location="cpu", weights_only=False)
+                   if dist.is_main() else None)
+        meta = dist.broadcast_object(None if payload is None else {
+            "state": payload["state"], "rng": payload["rng"], "world_size": payload.get("world_size", 1),
+            "roles": {n: {k: v for k, v in info.items() if k != "optimizer"} for n, info in payload["roles"].items()}})
         for name, role in roles.items():
-            info = payload["roles"][name]
+            info = meta["roles"][name]
             load_weights_into(role.policy.model, self.root / info["dir"])
-            role.optimizer.load_state_dict(info["optimizer"])
+            dist.load_optimizer_state(role.policy.model, role.optimizer,
+                                      payload["roles"][name]["optimizer"] if payload is not None else {})
             role.step = info["step"]
             role.skipped_steps = info["skipped_steps"]
             self._saved[name] = (role.step, self.root / info["dir"])
-        torch.set_rng_state(payload["rng"]["torch"])
-        np.random.set_state(payload["rng"]["numpy"])
-        random.setstate(payload["rng"]["python"])
-        log.info("resumed from %s", latest["trainer_state"])
-        return payload["state"]
+        torch.set_rng_state(meta["rng"]["torch"])
+        np.random.set_state(meta["rng"]["numpy"])
+        random.setstate(meta["rng"]["python"])
+        log.info("resumed from %s (saved by %d rank(s), now %d)", latest["trainer_state"], meta["world_size"],
+                 dist.world_size())
+        return meta["state"]
 
 
 class StopFlag:

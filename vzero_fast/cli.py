@@ -9,12 +9,16 @@ Subcommands:
   config                   print a resolved config (preset < --config file < dotted overrides)
 
 Dotted overrides (`--solver.rollout_n 10`) set any config field; `config --help-config` lists them.
+
+Many GPUs: `torchrun --nproc_per_node=8 -m vzero_fast train ...` (vzero_fast/distributed.py). Ranks other
+than 0 log warnings only (every rank with -v), each line prefixed with its rank.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -24,8 +28,11 @@ log = logging.getLogger("vzero_fast")
 
 
 def _setup_logging(verbose: bool = False) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    rank = int(os.environ.get("RANK", 0))  # set by torchrun
+    prefix = f"[rank {rank}] " if "WORLD_SIZE" in os.environ else ""
+    level = logging.DEBUG if verbose else (logging.INFO if rank == 0 else logging.WARNING)
+    logging.basicConfig(level=level, format=f"%(asctime)s {prefix}%(name)s %(levelname)s %(message)s",
+                        datefmt="%H:%M:%S")
 
 
 def _cmd_make_tiny(args: argparse.Namespace) -> int:
@@ -90,15 +97,29 @@ def _train_config(args: argparse.Namespace, extra: list[str]) -> cfgmod.Config:
 
 
 def _cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
+    from vzero_fast import distributed
     from vzero_fast.recipes import build_recipe
     from vzero_fast.trainer import Trainer
 
     cfg = _train_config(args, extra)
-    trainer = Trainer(cfg, resume=args.resume)
-    recipe = build_recipe(cfg.train.recipe, trainer)
-    state = trainer.run(recipe)
-    print(f"run directory: {trainer.run_dir} (metrics.jsonl, checkpoints/, config.toml); "
-          f"{state['global_step']} steps in {state['wall_s']:.1f} s")
+    try:
+        trainer = Trainer(cfg, resume=args.resume)
+        recipe = build_recipe(cfg.train.recipe, trainer)
+        state = trainer.run(recipe)
+    except RuntimeError as e:  # what a failed collective raises (DistBackendError included)
+        if not distributed.is_distributed():
+            raise
+        # A collective that failed almost always means another rank died (its own log says why) or stalled
+        # past dist.timeout_s; say so in one line, then exit non-zero (torchrun reports the failure).
+        log.error("rank %d of %d stops: %s: %s -- if another rank died or hung, its log above has the cause "
+                  "(collectives wait at most dist.timeout_s = %.0f s)", distributed.rank(),
+                  distributed.world_size(), type(e).__name__, str(e).strip().splitlines()[0] if str(e) else "",
+                  cfg.dist.timeout_s)
+        raise
+    if distributed.is_main():
+        print(f"run directory: {trainer.run_dir} (metrics.jsonl, checkpoints/, config.toml); "
+              f"{state['global_step']} steps in {state['wall_s']:.1f} s")
+    distributed.shutdown()
     return 0
 
 

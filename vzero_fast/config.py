@@ -46,7 +46,7 @@ ATTN = ("auto", "sdpa", "flash_attention_2", "eager")
 KL_TYPES = ("k1", "k2", "k3")
 LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 ADVANTAGES = ("grpo", "drgrpo")
-RECIPES = ("toy",)  # vzero arrives with its recipe (issue: V-Zero recipe)
+RECIPES = ("vzero", "toy")
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -242,6 +242,10 @@ class VZeroConfig:
     """Keep a question when its majority share is at most this."""
     format_warmup_steps: int = 0
     """Supervised steps on templated outputs with random answer letters (format only, no labels) before GRPO; the tiny preset uses them."""
+    format_warmup_batch: int = 4
+    """Examples per format warm-up step: 3 of every 4 are Questioner outputs, the rest Solver outputs."""
+    format_warmup_lr: float = 3e-3
+    """AdamW learning rate of the format warm-up (its own optimizer, discarded afterwards)."""
 
     def __post_init__(self) -> None:
         for name in ("reward_votes", "reward_max_tokens", "label_votes"):
@@ -249,6 +253,8 @@ class VZeroConfig:
         _check(0 <= self.band_low <= self.band_high <= 1, "vzero.band_low/band_high",
                "0 <= band_low <= band_high <= 1", (self.band_low, self.band_high))
         _check(self.format_warmup_steps >= 0, "vzero.format_warmup_steps", ">= 0", self.format_warmup_steps)
+        _check(self.format_warmup_batch >= 1, "vzero.format_warmup_batch", ">= 1", self.format_warmup_batch)
+        _check(self.format_warmup_lr > 0, "vzero.format_warmup_lr", "> 0", self.format_warmup_lr)
         for name in ("reward_temperature", "question_temperature", "label_temperature"):
             _check(getattr(self, name) > 0, f"vzero.{name}", "> 0", getattr(self, name))
         _check(0 < self.label_top_p <= 1, "vzero.label_top_p", "in (0, 1]", self.label_top_p)
@@ -256,8 +262,8 @@ class VZeroConfig:
 
 @dataclass(kw_only=True)
 class TrainConfig:
-    recipe: str = "toy"
-    """Recipe to run (toy: a verifiable reward that checks the engine learns)."""
+    recipe: str = "vzero"
+    """Recipe to run (vzero: Questioner and Solver co-evolve; toy: a verifiable reward that checks the engine learns)."""
     out: str = "runs/vzero"
     """Run directory: metrics, checkpoints, the resolved config."""
     seed: int = 0
@@ -272,14 +278,41 @@ class TrainConfig:
     """Checkpoints kept per role (older ones are deleted)."""
     device: str = "auto"
     """Device: auto (cuda when available), cpu or cuda."""
+    cpu_threads: int = 0
+    """torch intra-op CPU threads (0 = torch's default, one per core); the tiny preset uses 1."""
 
     def __post_init__(self) -> None:
+        _check(self.cpu_threads >= 0, "train.cpu_threads", ">= 0", self.cpu_threads)
         _check(self.recipe in RECIPES, "train.recipe", f"one of {RECIPES}", self.recipe)
         _check(self.iterations >= 1, "train.iterations", ">= 1", self.iterations)
         _check(self.max_steps_per_role >= 0, "train.max_steps_per_role", ">= 0", self.max_steps_per_role)
         _check(self.save_every >= 0, "train.save_every", ">= 0", self.save_every)
         _check(self.keep_last >= 1, "train.keep_last", ">= 1", self.keep_last)
         _check(self.device in DEVICES, "train.device", f"one of {DEVICES}", self.device)
+
+
+FSDP_MODES = ("auto", "on", "off")
+MIXED_PRECISION = ("auto", "bf16", "off")
+
+
+@dataclass(kw_only=True)
+class DistConfig:
+    """Multi-GPU runs under torchrun: FSDP2 sharding and data-parallel rollouts (vzero_fast/distributed.py)."""
+
+    fsdp: str = "auto"
+    """FSDP2 sharding: auto (on when torchrun starts more than one rank), on (also for one rank under torchrun), off (one process only)."""
+    cpu_offload: bool = False
+    """Keep sharded parameters, gradients and AdamW state in CPU memory (FSDP2 CPUOffloadPolicy; needs CUDA)."""
+    mixed_precision: str = "auto"
+    """auto (bf16 compute, fp32 gradient reduce on CUDA; off on CPU), bf16 or off; with it, model.dtype auto loads fp32 master weights."""
+    timeout_s: float = 600.0
+    """Seconds a collective waits for the other ranks before the run fails with an error (a dead rank ends the run)."""
+
+    def __post_init__(self) -> None:
+        _check(self.fsdp in FSDP_MODES, "dist.fsdp", f"one of {FSDP_MODES}", self.fsdp)
+        _check(self.mixed_precision in MIXED_PRECISION, "dist.mixed_precision", f"one of {MIXED_PRECISION}",
+               self.mixed_precision)
+        _check(self.timeout_s > 0, "dist.timeout_s", "> 0", self.timeout_s)
 
 
 @dataclass(kw_only=True)
@@ -300,20 +333,29 @@ class Config:
     """The trained policy of single-role recipes (toy)."""
     toy: ToyConfig = field(default_factory=ToyConfig)
     """Toy recipe."""
+    dist: DistConfig = field(default_factory=DistConfig)
+    """Multi-GPU (torchrun + FSDP2) settings."""
 
 
 # ----------------------------------------------------------------------------------------------- presets
 
 def _tiny() -> dict[str, Any]:
-    """CPU in minutes: the offline tiny model, 16 synthetic figures, short responses."""
+    """CPU in minutes: the offline tiny model, 32 synthetic figures, short responses."""
     role = dict(prompts_per_step=4, lr=1e-4, max_prompt_tokens=512, micro_batch_tokens=4096, kl_coef=0.01)
     return {
         "model": {"path": "", "dtype": "float32", "attn_implementation": "sdpa"},
-        "data": {"synthetic_images": 16, "synthetic_size": 112, "min_pixels": 56 * 56, "max_pixels": 112 * 112},
-        "train": {"device": "cpu", "iterations": 2, "max_steps_per_role": 4, "out": "runs/tiny"},
+        # 32 figures: the V-Zero Solver stage asks one question per figure (measured: 12-13 valid, 11 kept).
+        "data": {"synthetic_images": 32, "synthetic_size": 112, "min_pixels": 56 * 56, "max_pixels": 112 * 112},
+        # One thread: the tiny model's ops are too small to split, and on a shared 2-core machine two
+        # threads per process spin against other work (measured under load ~4: the V-Zero format warm-up
+        # took 411 s with torch's default 2 threads, 38 s with 1).
+        "train": {"device": "cpu", "iterations": 2, "max_steps_per_role": 4, "out": "runs/tiny", "cpu_threads": 1},
         "questioner": {**role, "rollout_n": 4, "max_response_tokens": 64},
         "solver": {**role, "rollout_n": 4, "max_response_tokens": 32},
-        "vzero": {"reward_votes": 6, "reward_max_tokens": 32, "label_votes": 6, "format_warmup_steps": 30},
+        # Format warm-up (vzero recipe): 150 steps of 4 templated outputs take 29-38 s (1 thread, 2 shared
+        # cores) and leave 28-38% of the Questioner's and 75% of the Solver's T=1 samples parsable (from 0%).
+        "vzero": {"reward_votes": 6, "reward_max_tokens": 32, "label_votes": 6, "format_warmup_steps": 150,
+                  "format_warmup_batch": 4, "format_warmup_lr": 3e-3},
         # The toy reward only looks at the first token: short responses and a large step size learn it
         # in ~10 steps on CPU (measured: reward 0.06 -> 1.0 by step 11).
         "policy": {**role, "rollout_n": 8, "max_response_tokens": 2, "lr": 1e-2, "mini_batches": 1},
@@ -326,8 +368,11 @@ def _vzero(model_size: str) -> dict[str, Any]:
                   clip_low=0.2, clip_high=0.2, loss_agg="token-mean", mini_batches=2, epochs=1,
                   temperature=1.0, max_prompt_tokens=1024)
     return {
-        "model": {"dtype": "bfloat16"},
-        "train": {"iterations": 2, "out": f"runs/vzero-{model_size}"},
+        # Gradient checkpointing: without it a 16K-token micro-batch of the 7B keeps tens of GB of activations.
+        "model": {"dtype": "bfloat16", "gradient_checkpointing": True},
+        # A full checkpoint every 20 steps: without save_every only SIGTERM and the run's end write the trainer
+        # state, and a crash would lose a whole iteration (~9 h in the paper's setting).
+        "train": {"iterations": 2, "out": f"runs/vzero-{model_size}", "save_every": 20},
         "questioner": {**shared, "rollout_n": 4, "max_response_tokens": 2048},
         "solver": {**shared, "rollout_n": 5, "max_response_tokens": 4096},
         "vzero": {"reward_votes": 10, "reward_temperature": 1.0, "reward_top_k": 40, "reward_max_tokens": 2048,
@@ -409,7 +454,7 @@ def _coerce(value: Any, typ: Any, name: str) -> Any:
         args = typing.get_args(typ)
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise ConfigError(f"{name}: must be a list of {len(args)} values, got {value!r}")
-        return tuple(_coerce(v, a, name) for v, a in zip(value, args))
+        return tuple(_coerce(v, a, name) for v, a in zip(value, args, strict=True))
     if origin in (typing.Union, types.UnionType):
         raise ConfigError(f"{name}: union-typed fields are not supported")  # none exist; keeps _coerce total
     raise ConfigError(f"{name}: unsupported field type {typ!r}")
@@ -560,7 +605,7 @@ def field_docs(cls: type = Config, prefix: str = "") -> dict[str, str]:
     tree = ast.parse(src.lstrip() if src.startswith(" ") else src)
     body = tree.body[0].body
     docs = {}
-    for node, nxt in zip(body, body[1:]):
+    for node, nxt in zip(body, body[1:], strict=False):
         if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
             docs[node.target.id] = str(nxt.value.value)
     out = {}

@@ -41,6 +41,7 @@ Test: `pytest tests/test_data.py`. Look: `python -m vzero_fast images /tmp/figs 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import functools
 import json
 import logging
@@ -77,6 +78,9 @@ class ImageItem:
     """File path, or "synthetic:<kind>:<i>"."""
     image: Image.Image
     """RGB, already inside the source's pixel bounds when it has any."""
+    position: int = -1
+    """Position in the run's stream of step images (`step_items`: step * count + k), the same on any number
+    of ranks, so per-prompt seeds derived from it are too; -1 for items not taken through `step_items`."""
 
 
 @dataclass
@@ -499,7 +503,8 @@ def step_items(source: ImageSource, *, seed: int, step: int, count: int, rank: i
     seeded epoch orders (epoch e covers positions [e*n, (e+1)*n)), this rank's share of them.
 
     A pure function of (seed, step): a resumed run sees exactly the images an uninterrupted one would.
-    Unreadable images are skipped (and counted once by the source), so a step may get fewer."""
+    Unreadable images are skipped (and counted once by the source), so a step may get fewer. Each item
+    carries its `position`, which does not depend on the number of ranks (seed per-prompt sampling with it)."""
     n = len(source)
     positions = range(step * count, (step + 1) * count)
     items = []
@@ -507,7 +512,7 @@ def step_items(source: ImageSource, *, seed: int, step: int, count: int, rank: i
         epoch, offset = divmod(pos, n)
         item = source.load(source.epoch_order(epoch, seed)[offset])
         if item is not None:
-            items.append(item)
+            items.append(dataclasses.replace(item, position=pos))
     return items
 
 

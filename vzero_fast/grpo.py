@@ -28,6 +28,14 @@ Decisions:
   free from the first mini-batch's forward, before any update.
 - Randomness is derived from (seed, role, step) counters, so a resumed run draws exactly what an
   uninterrupted one would (no generator state has to be saved).
+- Mini-batches split every group: sample j of each group goes to mini-batch j mod `mini_batches` (the
+  old strided split whenever `mini_batches` divides n), a rule that needs no global sample order.
+- Data-parallel (torchrun, vzero_fast/distributed.py): each rank holds whole groups (its prompts' n samples),
+  so advantages are local. Once per `train_on` the ranks all-reduce each mini-batch's sample and token counts
+  (the loss divisor is the GLOBAL count, FSDP sums gradients) and the most micro-batches any rank runs per
+  pass (fewer -> zero-weight dummy passes, since every FSDP pass is collective); once per optimizer step
+  they all-reduce the metrics, which are per-rank shares that add up. Step metrics are global sums/maxima.
+  Every rank must call `grpo_step` / `train_on`, with an empty batch if it kept no group.
 """
 
 from __future__ import annotations
@@ -40,8 +48,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from vzero_fast import distributed as dist
 from vzero_fast.config import RoleConfig
 from vzero_fast.kernels import fused_linear_logprob, grpo_loss
+from vzero_fast.kernels.grpo_loss import METRICS as LOSS_METRICS
 from vzero_fast.metrics import StageTimer
 from vzero_fast.model import Policy, forward_hidden
 from vzero_fast.rollout import Request, RolloutEngine, RolloutOutput
@@ -202,8 +212,12 @@ def response_hidden(model_or_policy, mb: MicroBatch) -> torch.Tensor:
 
 def token_logprobs(model_or_policy, lm_head_weight: torch.Tensor, mb: MicroBatch, temperature: float,
                    *, return_entropy: bool = False):
-    """Response-aligned log-probs [b, R] (fp32; 0 where masked) and optionally the entropy [b, R]."""
+    """Response-aligned log-probs [b, R] (fp32; 0 where masked) and optionally the entropy [b, R].
+
+    Under FSDP2 a weight passed in before the forward is a shard; the gathered one is read after it."""
     h = response_hidden(model_or_policy, mb)  # [b, R, H]
+    if dist.is_sharded(_model_of(model_or_policy)):
+        lm_head_weight = _lm_head_weight(_model_of(model_or_policy))  # gathered by the forward just run
     b, R, H = h.shape
     flat = mb.mask.reshape(-1)
     out = fused_linear_logprob(h.reshape(b * R, H)[flat], lm_head_weight, mb.targets.reshape(-1)[flat],
@@ -230,6 +244,7 @@ class Role:
     reference: torch.nn.Module | None = field(default=None, init=False)
     step: int = 0
     skipped_steps: int = 0
+    _dummy: MicroBatch | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         params = [p for p in self.policy.model.parameters() if p.requires_grad]
@@ -256,6 +271,8 @@ class Role:
         self._move_optimizer(self.policy.device)
 
     def _move_optimizer(self, device: torch.device) -> None:
+        if dist.is_sharded(self.policy.model):
+            return  # sharded state is 1/world of it already; dist.cpu_offload keeps it in CPU memory instead
         for state in self.optimizer.state.values():
             for k, v in state.items():
                 if isinstance(v, torch.Tensor) and k != "step":
@@ -265,7 +282,7 @@ class Role:
 
     def grpo_step(self, requests: list[Request], reward_fn: RewardFn, *, timer: StageTimer,
                   drop_zero_variance: bool = False) -> dict:
-        """One rollout batch -> `mini_batches` optimizer steps. Returns device-tensor metrics."""
+        """One rollout batch -> `mini_batches` optimizer steps. Returns device-tensor metrics (global)."""
         cfg = self.cfg
         with timer("rollout"):
             outputs = self.engine.generate(requests)
@@ -273,43 +290,64 @@ class Role:
             rewards = reward_fn(outputs).to(torch.float32)  # [G, n]
         adv = group_advantages(rewards, kind=cfg.advantage)
         keep = keep_groups(rewards, drop_zero_variance=drop_zero_variance)
-        kept = [o for o, k in zip(outputs, keep.tolist()) if k]
-        lengths = torch.tensor([len(s.token_ids) for o in outputs for s in o.samples], dtype=torch.float32)
+        kept = [o for o, k in zip(outputs, keep.tolist(), strict=True) if k]
+        r = rewards.detach().double().reshape(-1).cpu()  # [G * n]
+        lengths = torch.tensor([len(s.token_ids) for o in outputs for s in o.samples], dtype=torch.float64)
+        # Global over the ranks' groups: one SUM and one MAX all-reduce per step (no-ops in one process).
+        f64 = torch.tensor([r.numel(), lengths.numel(), len(kept), len(outputs), self.engine.stats.tokens_per_s],
+                           dtype=torch.float64)
+        sums = dist.all_reduce(torch.cat([torch.stack([r.sum(), (r * r).sum(), lengths.sum()]), f64]))
+        longest = dist.all_reduce(lengths.max() if lengths.numel() else torch.zeros((), dtype=torch.float64), "max")
+        r_sum, r_sq, len_sum, n_r, n_len, n_kept, n_groups, tok_s = sums.tolist()
+        var = max(r_sq - r_sum * r_sum / n_r, 0.0) / (n_r - 1) if n_r > 1 else 0.0
         metrics = {
-            "reward_mean": rewards.mean(), "reward_std": rewards.std() if rewards.numel() > 1 else rewards.new_zeros(()),
-            "response_length_mean": lengths.mean(), "response_length_max": lengths.max(),
-            "groups_kept": torch.tensor(float(len(kept))), "groups": torch.tensor(float(len(outputs))),
-            "rollout_tokens_per_s": torch.tensor(float(self.engine.stats.tokens_per_s)),
+            "reward_mean": torch.tensor(r_sum / max(n_r, 1.0)), "reward_std": torch.tensor(math.sqrt(var)),
+            "response_length_mean": torch.tensor(len_sum / max(n_len, 1.0)), "response_length_max": longest.float(),
+            "groups_kept": torch.tensor(n_kept), "groups": torch.tensor(n_groups),
+            "rollout_tokens_per_s": torch.tensor(tok_s),  # summed over the ranks
         }
-        if kept:
+        if n_kept > 0:  # every rank trains (possibly on no local group: FSDP passes are collective)
             batch = SampleBatch.from_outputs(kept, adv[keep])
             metrics.update(self.train_on(batch, timer=timer))
         self.step += 1
         return metrics
 
     def train_on(self, batch: SampleBatch, *, timer: StageTimer) -> dict:
-        """PPO epochs x mini-batches of clipped-GRPO updates on one rollout batch."""
-        cfg, policy, model = self.cfg, self.policy, self.policy.model
-        n = len(batch)
-        n_mini = min(cfg.mini_batches, n)
-        minis = [list(range(n))[k::n_mini] for k in range(n_mini)]  # strided: every mini-batch mixes groups
-        off_policy = n_mini > 1 or cfg.epochs > 1
+        """PPO epochs x mini-batches of clipped-GRPO updates on one rollout batch (this rank's groups; every
+        rank calls it, with an empty batch when it has none)."""
+        cfg, model = self.cfg, self.policy.model
+        n_cfg = cfg.mini_batches
+        slot = _group_slots(batch.prompt_of)  # sample i is the slot[i]-th of its group
+        minis = [[i for i in range(len(batch)) if slot[i] % n_cfg == k] for k in range(n_cfg)]
+        budget = cfg.micro_batch_tokens
+        lengths = batch.lengths()
+        lp_parts = pack_micro_batches(lengths, budget)
+        mini_parts = [pack_micro_batches([lengths[i] for i in mini], budget) for mini in minis]
+        # The plan, global over the ranks: per mini-batch its samples and tokens (SUM), and per pass the most
+        # micro-batches any rank runs (MAX). One host sync: the plan decides the loops.
+        counts = dist.all_reduce(torch.tensor([len(m) for m in minis] + [batch.response_tokens(m) for m in minis],
+                                              dtype=torch.float64)).tolist()
+        passes = dist.all_reduce(torch.tensor([len(lp_parts)] + [len(p) for p in mini_parts])).tolist()
+        live = [k for k in range(n_cfg) if counts[k] > 0]  # fewer mini-batches when groups are smaller than n_cfg
+        off_policy = len(live) > 1 or cfg.epochs > 1
         R = batch.max_response
         agg_norm = cfg.agg_norm or float(cfg.max_response_tokens)
         with timer("logprob"):
             if off_policy:
-                batch.old_logprobs = self._logprobs(model, batch, R)
+                batch.old_logprobs = self._logprobs(model, batch, R, lp_parts, passes[0])
             if self.reference is not None:
-                batch.ref_logprobs = self._logprobs(self.reference, batch, R)
+                batch.ref_logprobs = self._logprobs(self.reference, batch, R, lp_parts, passes[0])
         sums: dict[str, torch.Tensor] = {}
         updates = 0
         model.train()
         with timer("train"):
             for epoch in range(cfg.epochs):
-                for mini in minis:
-                    mb_metrics = self._update(batch, mini, R, agg_norm, first=(epoch == 0 and mini is minis[0]))
-                    for k, v in mb_metrics.items():
-                        sums[k] = sums.get(k, 0) + v
+                for k in live:
+                    divisor = counts[k] if cfg.loss_agg != "token-mean" else max(counts[n_cfg + k], 1.0)
+                    mb_metrics = self._update(batch, minis[k], R, agg_norm, first=(epoch == 0 and k == live[0]),
+                                              plan=(divisor, counts[n_cfg + k], int(passes[1 + k])))
+                    for key, v in mb_metrics.items():
+                        sums[key] = sums.get(key, 0) + v
                     updates += 1
         out = {k: v / updates for k, v in sums.items() if k not in ("logprob_diff", "tokens", "skipped")}
         out["tokens"] = sums["tokens"]  # response tokens trained on, summed over updates
@@ -319,24 +357,38 @@ class Role:
         return out
 
     @torch.no_grad()
-    def _logprobs(self, model, batch: SampleBatch, R: int) -> torch.Tensor:
-        """[B, R] response log-probs of every sample under `model` (the policy or the reference)."""
+    def _logprobs(self, model, batch: SampleBatch, R: int, parts: list[list[int]] | None = None,
+                  n_passes: int = 0) -> torch.Tensor:
+        """[B, R] response log-probs of every sample under `model` (the policy or the reference); `parts` are
+        the micro-batches, padded with dummy forwards to `n_passes` (the ranks' maximum)."""
         out = torch.zeros(len(batch), R, dtype=torch.float32, device=self.policy.device)
-        weight = _lm_head_weight(model)
         was_training = model.training
         model.eval()
-        for idx in pack_micro_batches(batch.lengths(), self.cfg.micro_batch_tokens):
+        parts = pack_micro_batches(batch.lengths(), self.cfg.micro_batch_tokens) if parts is None else parts
+        for idx in parts:
             mb = collate(batch, idx, self.policy, R)
-            out[mb.rows] = token_logprobs(model, weight, mb, self.cfg.temperature)
+            out[mb.rows] = token_logprobs(model, _lm_head_weight(model), mb, self.cfg.temperature)
+        for _ in range(len(parts), n_passes):
+            response_hidden(model, self._dummy_micro_batch())
         model.train(was_training)
+        dist.reshard(model)  # free the gathered root group (a no-grad pass has no backward to do it)
         return out
 
-    def _update(self, batch: SampleBatch, mini: list[int], R: int, agg_norm: float, first: bool) -> dict:
-        """One optimizer step on the mini-batch `mini` (gradients accumulated over micro-batches)."""
-        totals = self.accumulate(batch, mini, R, agg_norm, first)
-        params = [p for p in self.policy.model.parameters() if p.requires_grad]
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm=self.cfg.grad_clip or math.inf)
-        # One host sync per optimizer step: a non-finite loss or gradient must never reach the weights.
+    def _update(self, batch: SampleBatch, mini: list[int], R: int, agg_norm: float, first: bool,
+                plan: tuple[float, float, int] | None = None) -> dict:
+        """One optimizer step on the mini-batch `mini` (gradients accumulated over micro-batches); `plan` =
+        the global (loss divisor, tokens, micro-batch passes) of the mini-batch (train_on)."""
+        divisor, tokens, n_micro = plan if plan is not None else (None, None, 0)
+        totals = self.accumulate(batch, mini, R, agg_norm, first, divisor=divisor, total_tokens=tokens,
+                                 n_micro=n_micro)
+        keys = sorted(totals)
+        totals = dict(zip(keys, dist.all_reduce(torch.stack([totals[k] for k in keys])).unbind(0), strict=True))
+        model = self.policy.model
+        dist.reshard(model)
+        params = [p for p in model.parameters() if p.requires_grad]
+        grad_norm = dist.clip_grad_norm_(params, max_norm=self.cfg.grad_clip or math.inf)  # global under FSDP
+        # One host sync per optimizer step: a non-finite loss or gradient must never reach the weights (the
+        # loss and the norm are global, so every rank takes the same branch).
         if bool(torch.isfinite(grad_norm) & torch.isfinite(totals["loss"])):
             self.optimizer.step()
             totals["skipped"] = torch.zeros((), device=self.policy.device)
@@ -350,17 +402,25 @@ class Role:
         return totals
 
     def accumulate(self, batch: SampleBatch, mini: list[int], R: int, agg_norm: float,
-                   first: bool = False) -> dict:
-        """Backward over the micro-batches of `mini`; the gradients sum to the whole mini-batch's."""
+                   first: bool = False, *, divisor: float | None = None, total_tokens: float | None = None,
+                   n_micro: int = 0) -> dict:
+        """Backward over the micro-batches of `mini`; the gradients sum to the whole mini-batch's.
+
+        Data-parallel: `divisor` (the loss's) and `total_tokens` are the mini-batch's counts over all ranks, and
+        `n_micro` the most micro-batches a rank runs (this one pads with zero-weight passes). The returned
+        values are this rank's shares: summed over the ranks they are the mini-batch's metrics."""
         cfg, policy = self.cfg, self.policy
         seq_agg = cfg.loss_agg != "token-mean"
-        divisor = float(len(mini)) if seq_agg else float(max(batch.response_tokens(mini), 1))
+        if divisor is None:
+            divisor = float(len(mini)) if seq_agg else float(max(batch.response_tokens(mini), 1))
+        denom = max(batch.response_tokens(mini) if total_tokens is None else total_tokens, 1)
         self.optimizer.zero_grad(set_to_none=True)
         dev = policy.device
         totals: dict[str, torch.Tensor] = {k: torch.zeros((), device=dev) for k in
-                                           ("loss", "entropy", "tokens", "logprob_abs_diff")}
+                                           ("loss", "entropy", "tokens", "logprob_abs_diff", *LOSS_METRICS)}
         all_lengths = batch.lengths()
-        for part in pack_micro_batches([all_lengths[i] for i in mini], cfg.micro_batch_tokens):
+        parts = pack_micro_batches([all_lengths[i] for i in mini], cfg.micro_batch_tokens)
+        for part in parts:
             idx = [mini[j] for j in part]
             mb = collate(batch, idx, policy, R)
             logp, ent = token_logprobs(policy, policy.lm_head_weight, mb, cfg.temperature, return_entropy=True)
@@ -374,21 +434,55 @@ class Role:
             loss.backward()
             # The kernel's metrics are means over this micro-batch's tokens: weight them by token share.
             tokens = mb.mask.sum()
-            share = tokens / max(batch.response_tokens(mini), 1)
+            share = tokens / denom
             for k, v in m.items():
-                totals[k] = totals.get(k, 0) + v.detach() * share
+                totals[k] = totals[k] + v.detach() * share
             totals["loss"] += loss.detach()
-            totals["entropy"] += (ent.detach() * mb.mask).sum() / max(batch.response_tokens(mini), 1)
+            totals["entropy"] += (ent.detach() * mb.mask).sum() / denom
             totals["tokens"] += tokens.float()
             if first:
                 sampled = torch.nn.utils.rnn.pad_sequence(
                     [batch.sample_logprobs[i] for i in idx], batch_first=True).to(dev)  # [b, r<=R]
                 diff = (logp.detach()[:, : sampled.shape[1]] - sampled).abs() * mb.mask[:, : sampled.shape[1]]
                 totals["logprob_abs_diff"] += diff.sum()
+        for _ in range(len(parts), n_micro):  # as many FSDP passes as the busiest rank, contributing nothing
+            mb = self._dummy_micro_batch()
+            (token_logprobs(policy, policy.lm_head_weight, mb, cfg.temperature).sum() * 0.0).backward()
         if first:
-            totals["logprob_diff"] = totals["logprob_abs_diff"] / max(batch.response_tokens(mini), 1)
+            totals["logprob_diff"] = totals["logprob_abs_diff"] / denom
         del totals["logprob_abs_diff"]
         return totals
+
+    def _dummy_micro_batch(self) -> MicroBatch:
+        """One tiny sample (a grey 56x56 image and one response token) for the zero-weight passes a rank runs
+        to match the other ranks' FSDP collectives; it goes through the vision tower like real samples."""
+        if self._dummy is None:
+            from PIL import Image
+
+            from vzero_fast.model import encode_prompts
+
+            enc = encode_prompts(self.policy, [Image.new("RGB", (56, 56), (128, 128, 128))], ["."])
+            ids = enc["input_ids"][0].cpu()
+            batch = SampleBatch(prompt_ids=[ids], response_ids=[torch.tensor([self.policy.eos_token_id])],
+                                prompt_of=[0], pixel_values=[enc["pixel_values"].cpu()],
+                                image_grid_thw=[enc["image_grid_thw"].cpu()], advantages=torch.zeros(1),
+                                sample_logprobs=[torch.zeros(1)])
+            self._dummy = collate(batch, [0], self.policy, 1)
+        return self._dummy
+
+
+def _group_slots(prompt_of: Sequence[int]) -> list[int]:
+    """Sample i -> its index within its group (the samples of a prompt in batch order)."""
+    seen: dict[int, int] = {}
+    slots = []
+    for g in prompt_of:
+        slots.append(seen.get(g, 0))
+        seen[g] = slots[-1] + 1
+    return slots
+
+
+def _model_of(model_or_policy) -> torch.nn.Module:
+    return model_or_policy.model if isinstance(model_or_policy, Policy) else model_or_policy
 
 
 def _lm_head_weight(model) -> torch.Tensor:

@@ -76,21 +76,26 @@ def _clean(value: Any) -> Any:
 
 
 class MetricsWriter:
-    """Appends one JSON object per step to `metrics.jsonl`."""
+    """Appends one JSON object per step to `metrics.jsonl` (path None: rows are only returned, as on the
+    ranks other than 0 of a torchrun launch)."""
 
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = self.path.open("a", buffering=1)
+    def __init__(self, path: str | Path | None):
+        self.path = Path(path) if path is not None else None
+        self._file = None
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = self.path.open("a", buffering=1)
 
     def write(self, metrics: dict[str, Any]) -> dict[str, Any]:
         row = {k: _clean(v) for k, v in to_host(metrics).items()}
-        self._file.write(json.dumps(row) + "\n")
-        self._file.flush()
+        if self._file is not None:
+            self._file.write(json.dumps(row) + "\n")
+            self._file.flush()
         return row
 
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:

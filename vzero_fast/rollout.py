@@ -23,10 +23,14 @@ Decisions:
 - Sampling is vectorised over [R, V]: repetition penalty (HF semantics, over the prompt's real tokens
   and the response so far; left padding excluded so a result does not depend on batch-mates' lengths),
   vision special tokens set to -inf, temperature, top-k, top-p (HF semantics, ties at the k-th logit kept),
-  then argmax(probs / Exp(1)) -- an exact categorical draw without a host sync.
-- Randomness: one torch.Generator per batch on the policy's device. Its seed mixes the batch's
-  `params.seed`s; when no request has one, it is drawn from the engine's seed stream (`seed=` at
-  construction), so a run is reproducible from its seed. Samples of a request depend on its batch-mates.
+  then an inverse-CDF draw: the first token whose cumulative probability (fp64) reaches u * total, for one
+  uniform u per sequence and step -- an exact categorical draw without a host sync.
+- Randomness is per sequence, never per batch: sample j of a request draws its uniforms for steps 0..S-1
+  from a CPU generator seeded by (request seed, j) (`_row_uniforms`, drawn once per batch, not per token).
+  A request's samples therefore do not depend on its batch-mates, the batching, or compaction, so ranks
+  that each generate a share of the prompts sample exactly what one process would (up to the last bits of
+  the logits). A request without a seed takes one from the engine's seed stream (`seed=` at construction),
+  in request order, so a run is reproducible from its seed.
 - Host syncs: one per decode step, the running count, to stop when all sequences are done and to
   compact: when at most half of the active rows still run, the finished ones are dropped from the KV
   cache and every per-row tensor (at most log2(R) copies; GRPO response lengths have a long tail).
@@ -35,6 +39,9 @@ Decisions:
 - Batches are bounded by `max_batch_tokens` >= (longest prompt + longest max_new_tokens) * R, the KV
   cache's size in tokens (Qwen2.5-VL-7B: 28 layers x 2 x 4 kv heads x 128 x 2 B = 57 KiB per token, so
   65536 tokens = 3.7 GiB). Requests keep their order; one request always fits alone.
+- Under FSDP2 (vzero_fast/distributed.py) `generate` gathers the whole model once per call (`gathered`) and
+  decodes with no communication; the gather is collective, so every rank calls `generate` equally often
+  (an empty request list included).
 - The KV cache is a transformers DynamicCache (grows by concatenation: O(length^2) copying; a static
   cache is future work). Nothing is held between calls, so `sleep` only returns cached allocator blocks.
 
@@ -52,6 +59,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
+
+from vzero_fast.distributed import gathered
 
 log = logging.getLogger("vzero_fast.rollout")
 
@@ -84,7 +93,7 @@ class SamplingParams:
     ignore_eos: bool = False
     """Never sample eos (vLLM's ignore_eos): every response runs to max_new_tokens (fixed-length benchmarks)."""
     seed: int | None = None
-    """Seed of the batch's generator (see the module docstring); None = the engine's seed stream."""
+    """Seed of this request's samples (see the module docstring); None = the engine's seed stream."""
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -305,15 +314,29 @@ def top_k_top_p_filter(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.T
 
 
 def sample_from_logits(logits: torch.Tensor, *, greedy: torch.Tensor, all_greedy: bool,
-                       generator: torch.Generator | None) -> torch.Tensor:
-    """Token [R] per row: argmax where greedy [R], else a draw from softmax(logits) via argmax(p / Exp(1))."""
+                       uniforms: torch.Tensor) -> torch.Tensor:
+    """Token [R] per row: argmax where greedy [R], else the inverse-CDF draw from softmax(logits) at the
+    row's uniform in (0, 1) (uniforms [R], fp64).
+
+    The first index whose cumulative probability reaches u * total: for u > 0 it always has a positive
+    probability (a token at -inf adds 0 to the sum, so it can never be the first to reach the threshold)."""
     best = logits.argmax(-1)  # [R]
     if all_greedy:
         return best
-    probs = logits.softmax(-1)  # [R, V]
-    # Exp(1) noise; clamped away from 0 so that 0/0 can never produce a NaN that argmax would pick.
-    q = torch.empty_like(probs).exponential_(generator=generator).clamp_min_(torch.finfo(probs.dtype).tiny)
-    return torch.where(greedy, best, (probs / q).argmax(-1))
+    cdf = logits.softmax(-1).cumsum(-1, dtype=torch.float64)  # [R, V]; fp64 so a long vocabulary sums exactly enough
+    target = uniforms.to(cdf.device, torch.float64)[:, None] * cdf[:, -1:]  # [R, 1]
+    tok = torch.searchsorted(cdf, target)[:, 0].clamp_max_(logits.shape[-1] - 1)  # [R]
+    return torch.where(greedy, best, tok)
+
+
+def _row_uniforms(seeds: list[int], steps: int) -> torch.Tensor:
+    """[R, steps] fp64 uniforms in (0, 1): row r from its own generator seeded by seeds[r] (one call per row
+    and batch, none per token)."""
+    out = torch.empty(len(seeds), steps, dtype=torch.float64)
+    gen = torch.Generator()
+    for r, seed in enumerate(seeds):
+        torch.rand(steps, generator=gen.manual_seed(seed), dtype=torch.float64, out=out[r])
+    return out.clamp_(min=2.0**-60)  # torch.rand may return exactly 0
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -334,6 +357,11 @@ def _mix_seeds(seeds: list[int | None]) -> int:
     for s in seeds:
         h = (h * 1_000_003 + (-1 if s is None else s) + 2) % (1 << 62)
     return h
+
+
+def _sample_seeds(request_seed: int, n: int) -> list[int]:
+    """The seeds of a request's n samples: sample j depends on (request seed, j) only."""
+    return [_mix_seeds([request_seed, j]) for j in range(n)]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -371,7 +399,8 @@ class NativeEngine(RolloutEngine):
     def generate(self, requests: list[Request]) -> list[RolloutOutput]:
         self.stats = stats = EngineStats(requests=len(requests))
         if not requests:
-            return []
+            with gathered(self.policy.model):  # under FSDP2 the gather is collective: take part anyway
+                return []
         start = time.perf_counter()
         policy, model = self.policy, self.policy.model
         proc = policy.processor
@@ -388,42 +417,48 @@ class NativeEngine(RolloutEngine):
             img_start.append(img_start[-1] + len(ims))
         patch_start = [0] + (grid.prod(-1).cumsum(0).tolist() if grid is not None else [])
 
+        # Each request's seed, fixed before batching: the seed stream is drawn in request order.
+        seeds = [r.params.seed if r.params.seed is not None
+                 else int(torch.randint(1 << 62, (1,), generator=self._seed_stream)) for r in requests]
+
         outputs: list[RolloutOutput] = []
         was_training = model.training
         model.eval()
+        # Under FSDP2: one all-gather per group for the whole rollout phase, none per decode step.
         try:
-            for lo, hi in self._plan(requests, prompt_lens):
-                t_b = max(prompt_lens[lo:hi])  # left padding: the last t_b columns hold every prompt
-                i0, i1 = img_start[lo], img_start[hi]
-                p0, p1 = patch_start[i0], patch_start[i1]
-                b_grid = grid[i0:i1] if i1 > i0 else None
-                b_pixels = pixels[p0:p1] if i1 > i0 else None
-                params = [r.params for r in requests[lo:hi]]
-                with torch.inference_mode():
-                    res = self._run_batch(ids[lo:hi, -t_b:], mask[lo:hi, -t_b:], mm[lo:hi, -t_b:],
-                                          b_pixels, b_grid, params, stats)
-                tokens, logps, lengths, finish, cut = res
-                r = 0
-                for j, req in enumerate(requests[lo:hi]):
-                    b = lo + j
-                    keep = mask[b].bool()
-                    ims = slice(img_start[b] - i0, img_start[b + 1] - i0)
-                    has_img = img_start[b + 1] > img_start[b]
-                    samples = []
-                    for _ in range(req.params.n):
-                        n_tok = lengths[r]
-                        tok = tokens[r, :n_tok].clone()
-                        text = proc.tokenizer.decode(tok.tolist(), skip_special_tokens=True)
-                        if cut[r]:
-                            text = text[:_first_stop(text, req.params.stop)]
-                        samples.append(Sample(token_ids=tok, text=text, logprobs=logps[r, :n_tok].clone(),
-                                              finish_reason=FINISH_REASONS[finish[r] - 1]))
-                        r += 1
-                    outputs.append(RolloutOutput(
-                        request=req, prompt_ids=ids[b, keep].clone(), mm_token_type_ids=mm[b, keep].long(),
-                        pixel_values=(pixels[patch_start[img_start[b]]:patch_start[img_start[b + 1]]]
-                                      if has_img else None),
-                        image_grid_thw=b_grid[ims] if has_img else None, samples=samples))
+            with gathered(model):
+                for lo, hi in self._plan(requests, prompt_lens):
+                    t_b = max(prompt_lens[lo:hi])  # left padding: the last t_b columns hold every prompt
+                    i0, i1 = img_start[lo], img_start[hi]
+                    p0, p1 = patch_start[i0], patch_start[i1]
+                    b_grid = grid[i0:i1] if i1 > i0 else None
+                    b_pixels = pixels[p0:p1] if i1 > i0 else None
+                    params = [r.params for r in requests[lo:hi]]
+                    with torch.inference_mode():
+                        res = self._run_batch(ids[lo:hi, -t_b:], mask[lo:hi, -t_b:], mm[lo:hi, -t_b:],
+                                              b_pixels, b_grid, params, seeds[lo:hi], stats)
+                    tokens, logps, lengths, finish, cut = res
+                    r = 0
+                    for j, req in enumerate(requests[lo:hi]):
+                        b = lo + j
+                        keep = mask[b].bool()
+                        ims = slice(img_start[b] - i0, img_start[b + 1] - i0)
+                        has_img = img_start[b + 1] > img_start[b]
+                        samples = []
+                        for _ in range(req.params.n):
+                            n_tok = lengths[r]
+                            tok = tokens[r, :n_tok].clone()
+                            text = proc.tokenizer.decode(tok.tolist(), skip_special_tokens=True)
+                            if cut[r]:
+                                text = text[:_first_stop(text, req.params.stop)]
+                            samples.append(Sample(token_ids=tok, text=text, logprobs=logps[r, :n_tok].clone(),
+                                                  finish_reason=FINISH_REASONS[finish[r] - 1]))
+                            r += 1
+                        outputs.append(RolloutOutput(
+                            request=req, prompt_ids=ids[b, keep].clone(), mm_token_type_ids=mm[b, keep].long(),
+                            pixel_values=(pixels[patch_start[img_start[b]]:patch_start[img_start[b + 1]]]
+                                          if has_img else None),
+                            image_grid_thw=b_grid[ims] if has_img else None, samples=samples))
         finally:
             model.train(was_training)
         stats.seconds = time.perf_counter() - start
@@ -446,7 +481,8 @@ class NativeEngine(RolloutEngine):
         batches.append((lo, len(requests)))
         return batches
 
-    def _run_batch(self, ids, mask, mm, pixels, grid, params: list[SamplingParams], stats: EngineStats):
+    def _run_batch(self, ids, mask, mm, pixels, grid, params: list[SamplingParams], seeds: list[int],
+                   stats: EngineStats):
         """Prefill B prompts, decode R = sum(n) sequences. Returns CPU tokens [R, S], logprobs [R, S],
         lengths, finish codes and, per row, whether a stop string ended it (host lists)."""
         policy, model = self.policy, self.policy.model
@@ -480,10 +516,9 @@ class NativeEngine(RolloutEngine):
         eos = torch.tensor(sorted(eos_host), device=dev)
         vision = torch.tensor(sorted(policy.vision_token_ids), device=dev, dtype=torch.long)
         pad = policy.pad_token_id
-        seeds = [p.seed for p in params]
-        seed = (_mix_seeds(seeds) if any(s is not None for s in seeds)
-                else int(torch.randint(1 << 62, (1,), generator=self._seed_stream)))
-        gen = torch.Generator(device=dev).manual_seed(seed)
+        uniforms = None  # [R, S] fp64: row r's uniform for each decode step (see the module docstring)
+        if not all_greedy:
+            uniforms = _row_uniforms([s for seed, n in zip(seeds, ns, strict=True) for s in _sample_seeds(seed, n)], S).to(dev)
 
         # Prefill: the vision tower runs here, once per image of the B prompts.
         t0 = time.perf_counter()
@@ -530,7 +565,8 @@ class NativeEngine(RolloutEngine):
             if no_eos is not None:  # ignore_eos rows: eos gets probability 0
                 x[:, eos] = x[:, eos].masked_fill(no_eos[:, None], float("-inf"))
             x = top_k_top_p_filter(x, top_k, top_p, max_k=max_k, any_top_p=any_top_p)
-            tok = sample_from_logits(x, greedy=greedy, all_greedy=all_greedy, generator=gen)  # [A]
+            tok = sample_from_logits(x, greedy=greedy, all_greedy=all_greedy,
+                                     uniforms=uniforms[act, t] if uniforms is not None else None)  # [A]
             lp = raw.gather(-1, tok[:, None])[:, 0] / temp - lse  # [A] log_softmax(raw / T)[tok]
             tok = tok.masked_fill(~running, pad)
             tokens[act, t] = tok

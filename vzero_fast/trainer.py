@@ -15,6 +15,10 @@ Decisions:
   that stage's starting directory (the base model, or `checkpoints/<role>/iter-<k-1>`), so a resumed
   stage gets the same reference; roles starting from the same directory share one frozen copy.
 - A role's weights are written at the end of each of its stages as `iter-<k>` (kept always).
+- Under torchrun (vzero_fast/distributed.py) every rank runs this same loop on its share of each step's
+  prompts (`self.world.rank` / `world_size` for `data.step_items`); models are FSDP2-sharded as they load;
+  rank 0 alone writes files (config, metrics, checkpoints); the stop flag is all-reduced at every step so
+  that all ranks stop after the same step.
 """
 
 from __future__ import annotations
@@ -27,11 +31,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from vzero_fast import distributed as dist
 from vzero_fast.checkpoint import CheckpointManager, StopFlag, load_weights_into
 from vzero_fast.config import Config, RoleConfig, save_config
 from vzero_fast.grpo import Role
 from vzero_fast.metrics import MetricsWriter, StageTimer, truncate_metrics
-from vzero_fast.model import Policy, load_policy, resolve_device
+from vzero_fast.model import Policy, load_policy
 from vzero_fast.rollout import NativeEngine
 
 log = logging.getLogger("vzero_fast.trainer")
@@ -51,16 +56,20 @@ def step_seed(*keys: int | str) -> int:
 class Trainer:
     def __init__(self, cfg: Config, *, resume: bool = False):
         self.cfg = cfg
+        self.world = dist.init(cfg.dist, cfg.train.device)
         self.run_dir = Path(cfg.train.out)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.device = resolve_device(cfg.train.device)
+        self.device = self.world.device
         torch.manual_seed(cfg.train.seed)
+        if cfg.train.cpu_threads:  # see TrainConfig.cpu_threads (tiny models on shared CPUs)
+            torch.set_num_threads(cfg.train.cpu_threads)
         self.model_path = self._model_path()
-        save_config(cfg, self.run_dir / "config.toml")
+        if self.world.is_main:
+            save_config(cfg, self.run_dir / "config.toml")
         self.timer = StageTimer(self.device)
         self.ckpt = CheckpointManager(self.run_dir, keep_last=cfg.train.keep_last)
         self.resume = resume
-        if not resume:
+        if not resume and self.world.is_main:
             truncate_metrics(self.run_dir / "metrics.jsonl", 0)
         self.roles: dict[str, Role] = {}
         self.state: dict[str, Any] = {"iteration": 1, "stage": 0, "stage_step": 0, "global_step": 0,
@@ -75,19 +84,32 @@ class Trainer:
         from vzero_fast.tiny import build_tiny
 
         path = self.run_dir / "tiny-model"
-        if not (path / "config.json").exists():
+        if self.world.is_main and not (path / "config.json").exists():
             log.info("no --model given: building the offline tiny Qwen2.5-VL in %s", path)
             build_tiny(path, seed=self.cfg.model.tiny_seed)
+        dist.barrier()  # the other ranks load it
         return path
 
     # ------------------------------------------------------------------------------------------ roles
 
-    def load_policy(self) -> Policy:
+    def load_policy(self, weights_from: str | Path | None = None, *, trainable: bool = True) -> Policy:
+        """The base model (with the weights of `weights_from` when given), FSDP2-sharded under torchrun."""
         m = self.cfg.model
-        policy = load_policy(self.model_path, dtype=m.dtype, attn_implementation=m.attn_implementation,
+        compute = dist.mixed_precision_dtype(self.world)
+        # Mixed precision keeps fp32 master weights (AdamW updates them) and computes in `compute`.
+        dtype = "float32" if compute is not None and m.dtype == "auto" else m.dtype
+        policy = load_policy(self.model_path, dtype=dtype, attn_implementation=m.attn_implementation,
                              device=str(self.device))
-        if m.gradient_checkpointing:
+        if weights_from is not None and str(weights_from) != str(self.model_path):
+            load_weights_into(policy.model, weights_from)
+        for p in policy.model.parameters():
+            p.requires_grad_(trainable)
+        if m.gradient_checkpointing and trainable:
             policy.model.gradient_checkpointing_enable()
+        if self.world.fsdp:
+            dist.shard_model(policy.model, self.world)
+            if compute is not None:
+                policy.dtype = compute  # what inputs (pixel values) are cast to
         return policy
 
     def add_role(self, name: str, role_cfg: RoleConfig) -> Role:
@@ -108,12 +130,7 @@ class Trainer:
         needed = {src} | {str(self.stage_start_dir(r, iteration)) for r in self.roles if r != role.name}
         self._refs = {k: v for k, v in self._refs.items() if k in needed}  # free stale references
         if src not in self._refs:
-            ref = self.load_policy().model.eval()
-            if src != str(self.model_path):
-                load_weights_into(ref, src)
-            for p in ref.parameters():
-                p.requires_grad_(False)
-            self._refs[src] = ref
+            self._refs[src] = self.load_policy(src, trainable=False).model.eval()
         role.reference = self._refs[src]
 
     # ------------------------------------------------------------------------------------------- loop
@@ -122,8 +139,9 @@ class Trainer:
         """Run every iteration and stage of `recipe`, resuming from the last checkpoint when asked."""
         if self.resume:
             self.state = self.ckpt.restore(self.roles)
-            truncate_metrics(self.run_dir / "metrics.jsonl", self.state["metrics_lines"])
-        self.writer = MetricsWriter(self.run_dir / "metrics.jsonl")
+            if self.world.is_main:
+                truncate_metrics(self.run_dir / "metrics.jsonl", self.state["metrics_lines"])
+        self.writer = MetricsWriter(self.run_dir / "metrics.jsonl" if self.world.is_main else None)
         start = time.perf_counter()
         try:
             with self.stop:
@@ -156,6 +174,10 @@ class Trainer:
                "global_step": self.state["global_step"], "role_step": role.step, **metrics, **self.timer.pop()}
         row = self.writer.write(row)
         self.state["metrics_lines"] += 1
+        dist.die_for_test(self.state["global_step"])
+        # A signal may reach the ranks during different steps: stop when any rank has seen one.
+        if dist.is_distributed():
+            self.stop.requested = bool(dist.all_reduce(torch.tensor(float(self.stop.requested)), "max") > 0)
         every = self.cfg.train.save_every
         if (every and self.state["global_step"] % every == 0) or self.stop.requested:
             self.save()

@@ -3,6 +3,10 @@
 
 def build_recipe(name: str, trainer):
     """The one place that maps `train.recipe` to a recipe class."""
+    if name == "vzero":
+        from vzero_fast.recipes.vzero import VZeroRecipe
+
+        return VZeroRecipe(trainer)
     if name == "toy":
         from vzero_fast.recipes.toy import ToyRecipe
 

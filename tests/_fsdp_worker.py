@@ -1,0 +1,57 @@
+"""Run by tests/test_distributed.py under `torchrun --nproc_per_node=2`: a sharded tiny model generates, on
+each rank, responses of a different length, and the all-gathers issued during `generate` are counted.
+
+Prints one JSON line per rank: {"rank", "all_gathers", "groups", "decode_steps", "sharded_after"}.
+Usage: torchrun --standalone --nproc_per_node=2 tests/_fsdp_worker.py MODEL_DIR
+"""
+
+import json
+import sys
+
+import torch
+import torch.distributed as tdist
+
+from vzero_fast import distributed as dist
+from vzero_fast.config import DistConfig
+from vzero_fast.data import synthetic_figure
+from vzero_fast.model import load_policy
+from vzero_fast.rollout import NativeEngine, Request, SamplingParams
+
+
+def main(model_dir: str) -> None:
+    world = dist.init(DistConfig(timeout_s=60), "cpu")
+    policy = load_policy(model_dir, dtype="float32", device="cpu", attn_implementation="sdpa")
+    dist.shard_model(policy.model, world)
+    groups = len(dist._fsdp_modules(policy.model))
+    calls = []
+    # FSDP2 looks its all-gather up on torch.distributed at call time (all_gather_single in torch 2.13,
+    # all_gather_into_tensor in older releases): count both.
+    originals = {name: getattr(tdist, name) for name in ("all_gather_single", "all_gather_into_tensor")
+                 if hasattr(tdist, name)}
+
+    def counting(fn):
+        def wrapped(*args, **kwargs):
+            calls.append(1)
+            return fn(*args, **kwargs)
+        return wrapped
+
+    for name, fn in originals.items():
+        setattr(tdist, name, counting(fn))
+    # Rank r decodes 3 + 9 r tokens: with per-token all-gathers the ranks would fall out of step and hang.
+    req = Request.from_image_text(synthetic_figure(world.rank, size=56), "Describe the figure.",
+                                  SamplingParams(n=2, max_new_tokens=3 + 9 * world.rank, temperature=0))
+    engine = NativeEngine(policy)
+    engine.generate([req])
+    for name, fn in originals.items():
+        setattr(tdist, name, fn)
+    from torch.distributed.tensor import DTensor
+
+    sharded = all(isinstance(p, DTensor) for p in policy.model.parameters())
+    print(json.dumps({"rank": world.rank, "all_gathers": len(calls), "groups": groups,
+                      "decode_steps": engine.stats.decode_steps, "sharded_after": sharded}), flush=True)
+    torch.distributed.barrier()
+    dist.shutdown()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
