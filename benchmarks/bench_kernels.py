@@ -28,6 +28,7 @@ import os
 
 import pytest
 import torch
+
 from vzero_fast.kernels import (
     force_backend,
     fused_linear_logprob,

@@ -41,6 +41,7 @@ if "--smoke" in sys.argv and not torch.cuda.is_available():
 
 import triton  # noqa: E402
 import triton.testing  # noqa: E402
+
 from vzero_fast.kernels import (  # noqa: E402
     force_backend,
     fused_grpo_loss,

@@ -36,7 +36,7 @@ def test_paper_presets_match_algorithms_md():
     assert cfg.questioner.prompts_per_step == cfg.solver.prompts_per_step == 64
     assert cfg.questioner.rollout_n == 4 and cfg.solver.rollout_n == 5
     assert cfg.vzero.question_repetition_penalty == 1.1
-    assert cfg.train.iterations == 2 and cfg.model.dtype == "bfloat16"
+    assert cfg.train.iterations == 2 and cfg.model.dtype == "auto"
 
 
 def test_precedence_cli_over_file_over_preset(tmp_path):

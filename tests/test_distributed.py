@@ -226,8 +226,9 @@ def test_resume_across_world_sizes(tmp_path, tiny_model_dir, one_process_run, dy
 
 @pytest.mark.slow
 def test_vzero_recipe_on_two_ranks(tmp_path):
-    """The tiny V-Zero recipe, 2 ranks, 1 iteration, 2 steps per role; its checkpoints load in transformers.
-    Skipped while the recipe itself refuses a torchrun launch (it says so with a config error)."""
+    """The tiny V-Zero recipe (format warm-up included), 2 ranks, 1 iteration, 2 steps per role: metrics,
+    the question set and the checkpoints (which load in transformers). Skipped while the recipe itself
+    refuses a torchrun launch (it says so with a config error)."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     from vzero_fast import config
@@ -237,14 +238,27 @@ def test_vzero_recipe_on_two_ranks(tmp_path):
         pytest.skip("the V-Zero recipe is not there yet")
     run = tmp_path / "vzero"
     proc = _run([*_torchrun(), "--recipe", "vzero", "--preset", "tiny", "--iterations", "1",
-                 "--max-steps-per-role", "2", "--vzero.format_warmup_steps", "0", "--dist.timeout_s", "60",
+                 "--max-steps-per-role", "2", "--dist.timeout_s", "60",
                  "--out", str(run)], timeout=600, check=False)
     refusal = [line for line in proc.stderr.splitlines() if "config error" in line and "one process" in line]
     if proc.returncode != 0 and refusal:
         pytest.skip(refusal[0])
     assert proc.returncode == 0, proc.stderr[-6000:]
     rows = read_metrics(run)
-    assert {r["role"] for r in rows} == {"questioner", "solver"} and len(rows) == 4, rows
+    assert [(r["role"], r["step"]) for r in rows] == [("questioner", 1), ("questioner", 2), ("solver", 1),
+                                                      ("solver", 2)], rows
+    q_rows, s_rows = rows[:2], rows[2:]
+    for r in q_rows:  # global over both ranks: all 4 images x 4 samples of the step
+        assert r["groups"] == 4 and 0 <= r["valid_question_rate"] <= 1 and 0 <= r["solver_letter_rate"] <= 1, r
+    assert (run / "format-warmup" / "config.json").exists() and (run / "format_warmup.json").exists()
+    questions = [json.loads(line) for line in (run / "questions-iter1.jsonl").read_text().splitlines()]
+    assert [q["image_index"] for q in questions] == sorted(q["image_index"] for q in questions)
+    assert len({q["image_index"] for q in questions}) == len(questions) == int(s_rows[0]["questions"]) > 0
+    kept = [q for q in questions if q["kept"]]
+    assert len(kept) == int(s_rows[0]["questions_kept"]) > 0, s_rows[0]
+    assert all(q["valid"] and q["label"] in "ABCD" for q in kept)
+    for r in s_rows:
+        assert r["groups"] == min(4, len(kept)) and 0 <= r["solver_letter_rate"] <= 1, r
     latest = json.loads((run / "checkpoints" / "latest.json").read_text())
     for role, rel in latest["roles"].items():
         saved = run / "checkpoints" / rel

@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 from tolerances import METRIC_ATOL, assert_fp32_close
+
 from vzero_fast.kernels import (
     force_backend,
     fused_grpo_loss,

@@ -12,6 +12,7 @@ import pytest
 import torch
 from tolerances import assert_fp32_close, assert_lowp_close
 from torch.utils._python_dispatch import TorchDispatchMode
+
 from vzero_fast.kernels import dispatch, force_backend, fused_linear_logprob, fused_linear_logprob_reference
 
 QWEN_VOCAB = 152064

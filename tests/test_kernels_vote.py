@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from vzero_fast.kernels import force_backend, vote_count, vote_count_reference
 
 TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU = the interpreter (tests/conftest.py)

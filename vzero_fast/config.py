@@ -369,7 +369,9 @@ def _vzero(model_size: str) -> dict[str, Any]:
                   temperature=1.0, max_prompt_tokens=1024)
     return {
         # Gradient checkpointing: without it a 16K-token micro-batch of the 7B keeps tens of GB of activations.
-        "model": {"dtype": "bfloat16", "gradient_checkpointing": True},
+        # auto: under torchrun FSDP2 keeps fp32 master weights and computes in bf16; a plain single
+        # process on CUDA holds bf16 weights, where AdamW at lr 1e-6 loses most updates (grpo.Role warns).
+        "model": {"dtype": "auto", "gradient_checkpointing": True},
         # A full checkpoint every 20 steps: without save_every only SIGTERM and the run's end write the trainer
         # state, and a crash would lose a whole iteration (~9 h in the paper's setting).
         "train": {"iterations": 2, "out": f"runs/vzero-{model_size}", "save_every": 20},

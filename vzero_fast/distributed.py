@@ -172,6 +172,15 @@ def broadcast_object(obj: Any) -> Any:
     return box[0]
 
 
+def all_gather_object(obj: Any) -> list[Any]:
+    """Every rank's `obj`, in rank order (`[obj]` when alone); every rank must call it."""
+    if not is_distributed():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def check_divisible(count: int, what: str) -> None:
     """Data-parallel steps split `count` prompts evenly: every rank gets the same number of groups."""
     if count % world_size():

@@ -92,8 +92,10 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ roles
 
-    def load_policy(self, weights_from: str | Path | None = None, *, trainable: bool = True) -> Policy:
-        """The base model (with the weights of `weights_from` when given), FSDP2-sharded under torchrun."""
+    def load_policy(self, weights_from: str | Path | None = None, *, trainable: bool = True,
+                    shard: bool = True) -> Policy:
+        """The base model (with the weights of `weights_from` when given), FSDP2-sharded under torchrun
+        (unless `shard` is False: a plain copy on this rank alone, e.g. for rank 0's one-off work)."""
         m = self.cfg.model
         compute = dist.mixed_precision_dtype(self.world)
         # Mixed precision keeps fp32 master weights (AdamW updates them) and computes in `compute`.
@@ -106,7 +108,7 @@ class Trainer:
             p.requires_grad_(trainable)
         if m.gradient_checkpointing and trainable:
             policy.model.gradient_checkpointing_enable()
-        if self.world.fsdp:
+        if self.world.fsdp and shard:
             dist.shard_model(policy.model, self.world)
             if compute is not None:
                 policy.dtype = compute  # what inputs (pixel values) are cast to

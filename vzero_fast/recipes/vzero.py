@@ -15,9 +15,15 @@ Decisions:
 - One process, one device set: the Solver that scores the Questioner is the in-memory `solver` role, sampled
   through its own NativeEngine under inference mode. It has not trained yet in iteration k, so it *is* the
   frozen Solver k-1; nothing is written, served or reloaded between stages (the reference code ran an HTTP
-  vLLM server, base64 images in JSON files, engine restarts and checkpoint merges). A torchrun launch is
-  refused with a config error for now: the Solver calls, the question set and the files are not sharded
-  across ranks yet (the seeds below already do not depend on how a batch is split).
+  vLLM server, base64 images in JSON files, engine restarts and checkpoint merges).
+- Under torchrun (vzero_fast/distributed.py) each rank takes its share of a Questioner step's images (and
+  all n samples of each: groups never split), scores its own valid questions with the Solver (all m votes
+  of a question on one rank), and trains on its share of a Solver step's questions. The question set is
+  built from each rank's share of the image pool and all-gathered in image order, so every rank keeps the
+  same questions whatever the number of ranks; rank 0 writes the files. Every rank calls `generate` even
+  with nothing to ask (the call gathers the sharded model), and the extra metrics are all-reduced. Seeds
+  never depend on how a batch is split, but sharded numerics (reduction order) make a run with several
+  ranks deterministic, not bit-identical to one process.
 - All valid questions of a step (up to prompts_per_step * n) go to the Solver in ONE generate call with
   n = reward_votes, then ONE `vote_count` over [Q, m]; rewards are computed on tensors.
 - Answer ids for the votes: A-D are 0-3. For the Questioner's reward a Solver answer without a usable
@@ -41,7 +47,9 @@ Decisions:
   \\boxed{X}`, with random answer letters and content templated from the figure kind. It teaches format
   only: no answer labels exist anywhere. The result is saved as `<run>/format-warmup` and becomes the
   run's base model, so both roles and their iteration-1 KL reference start from it; a resumed run finds
-  the directory and does not warm up again. Parse rates after warm-up go to `format_warmup.json`.
+  the directory and does not warm up again. Parse rates after warm-up go to `format_warmup.json`. Under
+  torchrun rank 0 alone warms up an unsharded copy before any model is sharded; the others wait for the
+  directory, then every rank loads (and shards) the roles from it.
 - Every sampling seed is `step_seed(seed, purpose, iteration, ...)` of the image's position in the run's
   image stream or its index in the pool (and the sample), never of a position inside a batch: a resumed run
   draws exactly what an uninterrupted one would.
@@ -70,9 +78,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from vzero_fast import distributed as dist
 from vzero_fast.answers import LETTERS, Question, extract_choice, parse_question
-from vzero_fast.config import Config, ConfigError, VZeroConfig
-from vzero_fast.data import ImageItem, ImageSource, open_images, step_items
+from vzero_fast.config import Config, VZeroConfig
+from vzero_fast.data import ImageItem, ImageSource, open_images, shard_indices, step_items
 from vzero_fast.grpo import SampleBatch, collate, keep_groups, pack_micro_batches, token_logprobs
 from vzero_fast.kernels import vote_count
 from vzero_fast.model import Policy
@@ -156,15 +165,12 @@ def solver_pseudo_label(answers: Sequence[str | None]) -> tuple[str | None, floa
 
 class VZeroRecipe:
     def __init__(self, trainer: Trainer):
-        world = trainer.world
-        if world.world_size > 1 or world.fsdp:
-            raise ConfigError("train.recipe: vzero runs in one process for now (no torchrun / FSDP): its "
-                              "Solver sampling, question set and files are not sharded across ranks yet")
         self.trainer = trainer
         self.cfg: Config = trainer.cfg
         self.seed = self.cfg.train.seed
         self.source: ImageSource = open_images(self.cfg.data, seed=self.seed)
         log.info("images: %s", self.source.describe())
+        dist.check_divisible(self.cfg.questioner.prompts_per_step, "questioner.prompts_per_step")
         if self.cfg.vzero.format_warmup_steps > 0:
             trainer.model_path = ensure_format_warmup(trainer, self.source)
         self.questioner = trainer.add_role(QUESTIONER, self.cfg.questioner)
@@ -202,8 +208,9 @@ class VZeroRecipe:
     def _questioner_stage(self, trainer: Trainer, iteration: int, start_step: int) -> None:
         qc, steps = self.cfg.questioner, self.questioner_steps()
         for step in range(start_step, steps):
+            world = trainer.world  # this rank's images; a rank keeps all n samples of each of its images
             items = step_items(self.source, seed=self.seed, step=(iteration - 1) * steps + step,
-                               count=qc.prompts_per_step)
+                               count=qc.prompts_per_step, rank=world.rank, world_size=world.world_size)
             requests = [self._questioner_request(  # seeded by the image's position in the run's stream
                 it, n=qc.rollout_n, temperature=qc.temperature, repetition_penalty=qc.repetition_penalty,
                 seed=step_seed(self.seed, QUESTIONER, iteration, it.position)) for it in items]
@@ -218,37 +225,39 @@ class VZeroRecipe:
 
     def questioner_rewards(self, outputs: list[RolloutOutput], *, seed: int,
                            stats: dict[str, Any] | None = None) -> torch.Tensor:
-        """[G, n] dual-track rewards of the Questioner's samples; the frozen Solver answers every valid
-        question reward_votes times in one generate call."""
+        """[G, n] dual-track rewards of the Questioner's samples (this rank's groups); the frozen Solver answers
+        every valid question reward_votes times in one generate call (on every rank, even with no question:
+        the call is collective under FSDP). `stats` are global over the ranks."""
         vz = self.cfg.vzero
         G, n = len(outputs), len(outputs[0].samples) if outputs else 0
         parsed = [parse_question(s.text) for o in outputs for s in o.samples]  # [G * n]
         valid = [i for i, q in enumerate(parsed) if q is not None]
         reward = torch.full((G * n,), -1.0)
-        if stats is not None:
-            stats.update(valid_question_rate=len(valid) / max(G * n, 1), solver_agree_rate=0.0,
-                         solver_overturned_rate=0.0, solver_none_rate=0.0, solver_majority_share=0.0,
-                         solver_letter_rate=0.0)
+        # Seeded by (image position in the run, sample): the same draws however the step is split.
+        params = [SamplingParams(n=vz.reward_votes, temperature=vz.reward_temperature, top_k=vz.reward_top_k,
+                                 max_new_tokens=vz.reward_max_tokens,
+                                 seed=step_seed(seed, outputs[i // n].request.meta.get("position", i // n), i % n))
+                  for i in valid]
+        requests = [self._solver_request(outputs[i // n].request.images[0], parsed[i], p, {})
+                    for i, p in zip(valid, params, strict=True)]
+        answers = self.solver.engine.generate(requests) if valid or dist.is_distributed() else []
+        # Sums over this rank's questions: samples, valid, agree, overturned, none, sum c, letters, votes.
+        sums = torch.zeros(8, dtype=torch.float64)
+        sums[0], sums[1] = G * n, len(valid)
         if valid:
-            # Seeded by (image position in the run, sample): the same draws however the step is split.
-            params = [SamplingParams(n=vz.reward_votes, temperature=vz.reward_temperature, top_k=vz.reward_top_k,
-                                     max_new_tokens=vz.reward_max_tokens,
-                                     seed=step_seed(seed, outputs[i // n].request.meta.get("position", i // n), i % n))
-                      for i in valid]
-            requests = [self._solver_request(outputs[i // n].request.images[0], parsed[i], p, {})
-                        for i, p in zip(valid, params, strict=True)]
-            answers = self.solver.engine.generate(requests)
             ids = torch.tensor([choice_ids([s.text for s in o.samples], none_id=NONE_ID) for o in answers])  # [Q, m]
             a_fast = torch.tensor([LETTERS.index(parsed[i].answer) for i in valid])  # [Q]
             r, a_hat, c = dual_track_rewards(a_fast, ids)
             reward[valid] = r
-            if stats is not None:
-                agree, q = a_hat == a_fast, len(valid)
-                stats.update(solver_agree_rate=int(agree.sum()) / q,
-                             solver_overturned_rate=int((~agree & (a_hat != NONE_ID)).sum()) / q,
-                             solver_none_rate=int((a_hat == NONE_ID).sum()) / q,
-                             solver_majority_share=float(c.double().mean()),
-                             solver_letter_rate=int((ids != NONE_ID).sum()) / ids.numel())
+            agree = a_hat == a_fast
+            sums[2:] = torch.tensor([int(agree.sum()), int((~agree & (a_hat != NONE_ID)).sum()),
+                                     int((a_hat == NONE_ID).sum()), float(c.double().sum()),
+                                     int((ids != NONE_ID).sum()), ids.numel()], dtype=torch.float64)
+        if stats is not None:
+            samples, q, agree_n, over_n, none_n, c_sum, letters, votes = dist.all_reduce(sums).tolist()
+            stats.update(valid_question_rate=q / max(samples, 1), solver_agree_rate=agree_n / max(q, 1),
+                         solver_overturned_rate=over_n / max(q, 1), solver_none_rate=none_n / max(q, 1),
+                         solver_majority_share=c_sum / max(q, 1), solver_letter_rate=letters / max(votes, 1))
         return reward.view(G, n)
 
     # -------------------------------------------------------------------------------- solver stage
@@ -264,13 +273,16 @@ class VZeroRecipe:
         sequences as one GRPO rollout): one Questioner call and one Solver call per chunk. The engine
         encodes a call's images up front, so one call over ~4K real images would hold tens of GB of pixel
         values; every seed is per image, so the chunking does not change what is drawn."""
-        qc = self.cfg.questioner
+        qc, world = self.cfg.questioner, trainer.world
         chunk = qc.prompts_per_step * qc.rollout_n
         rows: list[dict[str, Any]] = []
-        for lo in range(0, len(self.source), chunk):
-            items = [it for i in range(lo, min(lo + chunk, len(self.source))) if (it := self.source.load(i)) is not None]
+        for lo in range(0, len(self.source), chunk):  # as many chunks (generate calls) on every rank
+            mine = shard_indices(list(range(lo, min(lo + chunk, len(self.source)))), world.rank, world.world_size)
+            items = [it for i in mine if (it := self.source.load(i)) is not None]
             rows += self._question_rows(trainer, iteration, items)
-        return rows
+        # Every rank's rows, in image order: the same question set on every rank, whatever the number of ranks.
+        gathered = [r for part in dist.all_gather_object(rows) for r in part]
+        return sorted(gathered, key=lambda r: r["image_index"])
 
     def _question_rows(self, trainer: Trainer, iteration: int, items: list[ImageItem]) -> list[dict[str, Any]]:
         vz, sc = self.cfg.vzero, self.cfg.solver
@@ -283,7 +295,7 @@ class VZeroRecipe:
         valid = [i for i, q in enumerate(parsed) if q is not None]
         votes: dict[int, list[str | None]] = {}
         label = share = kept = None
-        if valid:
+        if valid or dist.is_distributed():  # under FSDP every rank calls generate, even with no question
             with trainer.timer("labels"):
                 answers = self.solver.engine.generate([self._solver_request(
                     items[i].image, parsed[i],
@@ -291,6 +303,7 @@ class VZeroRecipe:
                                    max_new_tokens=sc.max_response_tokens,
                                    seed=step_seed(self.seed, "labels", iteration, items[i].index)), {})
                     for i in valid])
+        if valid:
             ids = torch.tensor([choice_ids([s.text for s in o.samples], none_id=-1) for o in answers])  # [Q, votes]
             label, share = pseudo_labels(ids)
             kept = in_band(share, vz.band_low, vz.band_high) & (label >= 0)
@@ -333,7 +346,8 @@ class VZeroRecipe:
         sc, path = self.cfg.solver, self.questions_path(iteration)
         if start_step == 0:
             rows = self.make_questions(trainer, iteration)
-            self._write_rows(path, rows)
+            if dist.is_main():
+                self._write_rows(path, rows)
         elif path.exists():  # resumed mid-stage: the Solver has trained since, its votes can't be redrawn
             rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         else:
@@ -351,8 +365,10 @@ class VZeroRecipe:
         steps = self.solver_steps(len(kept))
         if steps == 0:
             log.warning("iteration %d: no question in the difficulty band; the Solver does not train", iteration)
+        world = trainer.world
         for step in range(start_step, steps):
-            batch = self._solver_batch(kept, iteration, step)
+            batch = self._solver_batch(kept, iteration, step)  # the whole step's questions; this rank's below
+            mine = shard_indices(list(range(len(batch))), world.rank, world.world_size)
             requests = [self._solver_request(
                 self.source.load(r["image_index"]).image,
                 Question(description=r["description"], question=r["question"], options=r["options"],
@@ -360,7 +376,7 @@ class VZeroRecipe:
                 SamplingParams(n=sc.rollout_n, temperature=sc.temperature, top_p=sc.top_p, top_k=sc.top_k,
                                max_new_tokens=sc.max_response_tokens, repetition_penalty=sc.repetition_penalty,
                                seed=step_seed(self.seed, SOLVER, iteration, step, k)),
-                {"label": r["label"], "key": r["image"]}) for k, r in enumerate(batch)]
+                {"label": r["label"], "key": r["image"]}) for k, r in ((k, batch[k]) for k in mine)]
             extra: dict[str, Any] = {}
             metrics = self.solver.grpo_step(requests, lambda outs, _e=extra: self.solver_rewards(outs, _e),
                                             timer=trainer.timer)
@@ -368,11 +384,16 @@ class VZeroRecipe:
 
     @staticmethod
     def solver_rewards(outputs: list[RolloutOutput], stats: dict[str, Any] | None = None) -> torch.Tensor:
-        """[G, n]: 1.0 when the boxed letter equals the question's pseudo-label, else 0.0."""
-        ids = torch.tensor([choice_ids([s.text for s in o.samples], none_id=-1) for o in outputs])  # [G, n]
-        label = torch.tensor([LETTERS.index(o.request.meta["label"]) for o in outputs])  # [G]
+        """[G, n] (this rank's groups): 1.0 when the boxed letter equals the question's pseudo-label, else 0.0.
+        `stats` are global over the ranks."""
+        n = len(outputs[0].samples) if outputs else 0
+        ids = torch.tensor([choice_ids([s.text for s in o.samples], none_id=-1) for o in outputs],
+                           dtype=torch.long).view(len(outputs), n)  # [G, n]
+        label = torch.tensor([LETTERS.index(o.request.meta["label"]) for o in outputs], dtype=torch.long)  # [G]
         if stats is not None:
-            stats["solver_letter_rate"] = int((ids >= 0).sum()) / max(ids.numel(), 1)
+            letters, votes = dist.all_reduce(torch.tensor([int((ids >= 0).sum()), ids.numel()],
+                                                          dtype=torch.float64)).tolist()
+            stats["solver_letter_rate"] = letters / max(votes, 1)
         return (ids == label[:, None]).to(torch.float32)
 
 
@@ -512,25 +533,38 @@ def parse_rates(policy: Policy, source: ImageSource, cfg: Config, *, seed: int, 
             "solver_parse_rate": sum(s_ok) / max(len(s_ok), 1), "probe_samples": len(q_ok)}
 
 
-def ensure_format_warmup(trainer: Trainer, source: ImageSource) -> Path:
-    """The run's warmed-up base model directory, built once (`<run>/format-warmup`); returns its path."""
-    from vzero_fast.checkpoint import save_model_dir
+def ensure_format_warmup(trainer: Trainer, source: ImageSource, *, poll_s: float = 0.5) -> Path:
+    """The run's warmed-up base model directory, built once (`<run>/format-warmup`); returns its path.
 
+    Under torchrun rank 0 alone warms up a plain (unsharded) copy, before any model is sharded, and writes
+    the directory (atomically); the other ranks wait for it by polling the file system (a warm-up may last
+    longer than dist.timeout_s, which bounds a barrier), then all meet at a barrier and load from it."""
     out = trainer.run_dir / "format-warmup"
-    if (out / "config.json").exists():
+    if dist.broadcast_object((out / "config.json").exists()):  # rank 0's view: every rank takes one branch
         log.info("format warm-up: reusing %s", out)
         return out
+    if dist.is_main():
+        _format_warmup_to(trainer, source, out)
+    else:
+        while not (out / "config.json").exists():
+            time.sleep(poll_s)
+    dist.barrier()
+    return out
+
+
+def _format_warmup_to(trainer: Trainer, source: ImageSource, out: Path) -> None:
+    from vzero_fast.checkpoint import save_model_dir
+
     cfg = trainer.cfg
     if cfg.model.path:
         log.warning("format warm-up on --model %s: it is meant for a model that cannot write the formats yet "
                     "(the random tiny one); run a trained checkpoint with --vzero.format_warmup_steps 0",
                     cfg.model.path)
     with trainer.timer("format_warmup"):
-        policy = trainer.load_policy()
+        policy = trainer.load_policy(shard=False)
         report = format_warmup(policy, source, cfg, seed=cfg.train.seed)
         save_model_dir(policy.model, policy.path, out)
     (trainer.run_dir / "format_warmup.json").write_text(json.dumps(report, indent=1) + "\n")
     log.info("format warm-up: %d steps, loss %.3f -> %.3f, parse rates after: questioner %.2f, solver %.2f "
              "(%.1f s) -> %s", report["steps"], report["loss_first"], report["loss_last"],
              report["questioner_parse_rate"], report["solver_parse_rate"], report["seconds"], out)
-    return out
