@@ -120,7 +120,7 @@ def progress(iterable=None, *, total: int | None = None, desc: str = "", disable
     """A tqdm bar on a terminal (plain iteration where tqdm is missing or output is not a TTY)."""
     if tqdm is None:
         return iterable if iterable is not None else _NullBar()
-    return tqdm(iterable, total=total, desc=desc, disable=disable, dynamic_ncols=True, leave=False)
+    return tqdm(iterable, total=total, desc=desc, disable=disable, dynamic_ncols=True, leave=True)
 
 
 class _NullBar:

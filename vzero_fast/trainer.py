@@ -35,7 +35,7 @@ from vzero_fast import distributed as dist
 from vzero_fast.checkpoint import CheckpointManager, StopFlag, load_weights_into
 from vzero_fast.config import Config, RoleConfig, save_config
 from vzero_fast.grpo import Role
-from vzero_fast.metrics import MetricsWriter, StageTimer, truncate_metrics
+from vzero_fast.metrics import MetricsWriter, StageTimer, progress, truncate_metrics
 from vzero_fast.model import Policy, load_policy
 from vzero_fast.rollout import NativeEngine
 
@@ -77,6 +77,7 @@ class Trainer:
         self._refs: dict[str, torch.nn.Module] = {}
         self.stop = StopFlag()
         self.writer: MetricsWriter | None = None
+        self._bar = None
 
     def _model_path(self) -> Path:
         if self.cfg.model.path:
@@ -156,7 +157,12 @@ class Trainer:
                         self.set_reference(role, it)
                         for other in self.roles.values():
                             (other.onload_optimizer if other is role else other.offload_optimizer)()
-                        recipe.run_stage(self, it, name, start_step=self.state["stage_step"])
+                        # One bar per stage on a terminal (rank 0): steps, rate, the last step's reward/time.
+                        self._bar = progress(desc=f"iter {it} {name}", disable=None if self.world.is_main else True)
+                        try:
+                            recipe.run_stage(self, it, name, start_step=self.state["stage_step"])
+                        finally:
+                            self._bar.close()
                         self.ckpt.save_role(role, tag=f"iter-{it}")
                         self.state.update(stage=si + 1, stage_step=0)
                     self.state.update(iteration=it + 1, stage=0)
@@ -176,6 +182,10 @@ class Trainer:
                "global_step": self.state["global_step"], "role_step": role.step, **metrics, **self.timer.pop()}
         row = self.writer.write(row)
         self.state["metrics_lines"] += 1
+        if self._bar is not None:
+            self._bar.update(1)
+            self._bar.set_postfix(reward=f"{row.get('reward_mean') or 0:.3f}", loss=f"{row.get('loss') or 0:.4f}",
+                                  step_s=f"{row.get('time_total') or 0:.1f}")
         dist.die_for_test(self.state["global_step"])
         # A signal may reach the ranks during different steps: stop when any rank has seen one.
         if dist.is_distributed():
