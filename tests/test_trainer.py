@@ -3,28 +3,16 @@ and resumed ends with exactly the metrics of an uninterrupted run; checkpoints l
 
 import json
 import math
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from _runs import assert_same_weights, stable_metrics, train, train_until_sigterm
 
 from vzero_fast.config import parse_overrides, resolve
 from vzero_fast.metrics import read_metrics
 
 pytest_plugins = ["_tiny_fixture"]
-
-# Wall-clock and throughput differ between any two runs; everything else must be identical.
-VOLATILE = ("time_", "rollout_tokens_per_s")
-
-
-def _stable(row):
-    return {k: v for k, v in row.items() if not k.startswith(VOLATILE)}
-
 
 def _run(cfg, resume=False):
     from vzero_fast.recipes import build_recipe
@@ -106,34 +94,17 @@ def test_sigterm_then_resume_equals_uninterrupted(tmp_path, tiny_model_dir):
     args = ["--preset", "tiny", "--recipe", "toy", "--model", str(tiny_model_dir), "--iterations", "2",
             "--max-steps-per-role", "4", "--save-every", "3", "--policy.mini_batches", "2",
             "--policy.rollout_n", "4"]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "vzero_fast", "train"]
-
-    full = tmp_path / "full"
-    subprocess.run([*cmd, *args, "--out", str(full)], check=True, env=env, capture_output=True, timeout=600)
-    want = [_stable(r) for r in read_metrics(full)]
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    train([*args, "--out", str(full)])
+    want = stable_metrics(full)
     assert len(want) == 8
 
-    cut = tmp_path / "cut"
-    proc = subprocess.Popen([*cmd, *args, "--out", str(cut)], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT)
-    deadline = time.time() + 600
-    while len(read_metrics(cut)) < 5 and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    assert proc.poll() is None, "the run ended before it could be interrupted"
-    proc.send_signal(signal.SIGTERM)  # mid-way: in iteration 2, between two periodic checkpoints
-    out, _ = proc.communicate(timeout=600)
-    assert proc.returncode == 0, out.decode()[-3000:]
-    stopped_at = len(read_metrics(cut))
+    # mid-way: in iteration 2, between two periodic checkpoints
+    stopped_at, out = train_until_sigterm(args, cut, after_rows=5)
     assert 5 <= stopped_at < 8, "SIGTERM should stop the run before its end"
     assert b"--resume" in out
 
-    subprocess.run([*cmd, "--resume", "--out", str(cut)], check=True, env=env, capture_output=True, timeout=600)
-    got = [_stable(r) for r in read_metrics(cut)]
-    assert got == want  # nothing lost, nothing repeated, the same numbers
+    train(["--resume", "--out", str(cut)])
+    assert stable_metrics(cut) == want  # nothing lost, nothing repeated, the same numbers
     for name in ("policy/iter-1", "policy/iter-2"):
-        from safetensors.torch import load_file
-
-        a = load_file(next((full / "checkpoints" / name).glob("*.safetensors")))
-        b = load_file(next((cut / "checkpoints" / name).glob("*.safetensors")))
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        assert_same_weights(full / "checkpoints" / name, cut / "checkpoints" / name)

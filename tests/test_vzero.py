@@ -4,18 +4,14 @@ recipe end to end; SIGTERM in the middle of a Solver stage, then --resume, equal
 
 import json
 import math
-import os
 import random
 import shutil
-import signal
-import subprocess
-import sys
-import time
 from collections import Counter
 from types import SimpleNamespace
 
 import pytest
 import torch
+from _runs import assert_same_weights, stable_metrics, train, train_until_sigterm
 
 from vzero_fast.answers import LETTERS
 from vzero_fast.config import parse_overrides, resolve
@@ -250,49 +246,25 @@ def test_tiny_vzero_end_to_end(tmp_path, tiny_model_dir):
     assert not torch.equal(q, s)
 
 
-VOLATILE = ("time_", "rollout_tokens_per_s")
-
-
-def _stable(row):
-    return {k: v for k, v in row.items() if not k.startswith(VOLATILE)}
-
-
 @pytest.mark.slow
 def test_sigterm_mid_solver_stage_then_resume_equals_uninterrupted(tmp_path, tiny_model_dir):
     args = ["--preset", "tiny", "--recipe", "vzero", "--model", str(tiny_model_dir), "--iterations", "2",
             "--max-steps-per-role", "4"]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "vzero_fast", "train"]
-
-    full = tmp_path / "full"
-    subprocess.run([*cmd, *args, "--out", str(full)], check=True, env=env, capture_output=True, timeout=900)
-    want = [_stable(r) for r in read_metrics(full)]
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    train([*args, "--out", str(full)])
+    want = stable_metrics(full)
     assert [(r["role"], r["iteration"]) for r in want] == (
         [("questioner", 1)] * 4 + [("solver", 1)] * 4 + [("questioner", 2)] * 4 + [("solver", 2)] * 4)
 
-    cut = tmp_path / "cut"
     cut.mkdir()
     shutil.copytree(full / "format-warmup", cut / "format-warmup")  # deterministic: skip the 2nd warm-up
-    proc = subprocess.Popen([*cmd, *args, "--out", str(cut)], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT)
-    deadline = time.time() + 900
-    while len(read_metrics(cut)) < 5 and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    assert proc.poll() is None, "the run ended before it could be interrupted"
-    proc.send_signal(signal.SIGTERM)  # during the Solver's 2nd step of iteration 1
-    out, _ = proc.communicate(timeout=900)
-    assert proc.returncode == 0, out.decode()[-3000:]
-    stopped_at = len(read_metrics(cut))
+    stopped_at, _ = train_until_sigterm(args, cut, after_rows=5)  # during the Solver's 2nd step of iteration 1
     assert stopped_at in (6, 7), "SIGTERM should stop the run in the middle of the Solver stage"
     questions = (cut / "questions-iter1.jsonl").read_text()
 
-    subprocess.run([*cmd, "--resume", "--out", str(cut)], check=True, env=env, capture_output=True, timeout=900)
-    assert [_stable(r) for r in read_metrics(cut)] == want  # nothing lost, nothing repeated, same numbers
+    train(["--resume", "--out", str(cut)])
+    assert stable_metrics(cut) == want  # nothing lost, nothing repeated, same numbers
     assert (cut / "questions-iter1.jsonl").read_text() == questions == (full / "questions-iter1.jsonl").read_text()
     assert (cut / "questions-iter2.jsonl").read_text() == (full / "questions-iter2.jsonl").read_text()
-    from safetensors.torch import load_file
-
     for name in ("questioner/iter-2", "solver/iter-2"):
-        a = load_file(next((full / "checkpoints" / name).glob("*.safetensors")))
-        b = load_file(next((cut / "checkpoints" / name).glob("*.safetensors")))
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        assert_same_weights(full / "checkpoints" / name, cut / "checkpoints" / name)

@@ -20,7 +20,6 @@ import dataclasses
 import difflib
 import inspect
 import sys
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -457,8 +456,6 @@ def _coerce(value: Any, typ: Any, name: str) -> Any:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise ConfigError(f"{name}: must be a list of {len(args)} values, got {value!r}")
         return tuple(_coerce(v, a, name) for v, a in zip(value, args, strict=True))
-    if origin in (typing.Union, types.UnionType):
-        raise ConfigError(f"{name}: union-typed fields are not supported")  # none exist; keeps _coerce total
     raise ConfigError(f"{name}: unsupported field type {typ!r}")
 
 

@@ -22,11 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-try:
-    from tqdm.auto import tqdm
-except ImportError:  # pragma: no cover - tqdm is a runtime dependency
-    tqdm = None
+from tqdm.auto import tqdm
 
 
 class StageTimer:
@@ -117,21 +113,8 @@ def truncate_metrics(path: str | Path, keep: int) -> None:
 
 
 def progress(iterable=None, *, total: int | None = None, desc: str = "", disable: bool | None = None):
-    """A tqdm bar on a terminal (plain iteration where tqdm is missing or output is not a TTY)."""
-    if tqdm is None:
-        return iterable if iterable is not None else _NullBar()
+    """A tqdm bar; `disable=None` shows it only on a terminal (log files stay free of bar lines)."""
     return tqdm(iterable, total=total, desc=desc, disable=disable, dynamic_ncols=True, leave=True)
-
-
-class _NullBar:
-    def update(self, n: int = 1) -> None:
-        pass
-
-    def set_postfix(self, *args, **kwargs) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
 
 
 # ----------------------------------------------------------------------------------------------- plots
