@@ -5,7 +5,7 @@ H=1024, V=152064 (Qwen2.5-VL's vocabulary), fp32, a random upstream gradient.
 Targets: peak memory beyond the gradients themselves <= 10% of the naive path's; time <= 1.2x naive.
 Also, small: grpo_loss (torch) vs the literal reference, vote_count (torch) vs a Python counter.
 
-Run:  /work/venv/bin/pytest benchmarks/bench_kernels.py --benchmark-only    (~2.5 min on 2 cores)
+Run:  python -m pytest benchmarks/bench_kernels.py --benchmark-only    (~2.5 min on 2 cores)
 The summary line "KERNELS_BENCH {json}" is printed with -s; numbers go to benchmarks/RESULTS.md by hand.
 
 Decisions:

@@ -1,7 +1,7 @@
 """GPU benchmark of the kernels at the Qwen2.5-VL-7B head, in one call: build, check, time, report.
 
     python benchmarks/gpu_kernels.py --out $OUT/gpu_kernels.json          # H100, ~5 min
-    python benchmarks/gpu_kernels.py --smoke --out /tmp/smoke.json        # CPU interpreter, tiny shapes
+    python benchmarks/gpu_kernels.py --smoke --out smoke.json            # CPU interpreter, tiny shapes
 
 What it does, in order:
 1. Correctness first, at the benchmark shapes (H=3584, V=152064, bf16, N in {4096, 16384}): the Triton
@@ -13,7 +13,7 @@ What it does, in order:
    eager path and torch.compile of the naive code, forward (no grad: old/ref log-probs) and
    forward+backward (torch.autograd.grad, nothing accumulates). Effective TFLOP/s counts 2NHV forward
    and 6NHV forward+backward (the Triton backward really does 8NHV: it recomputes the logits), also as
-   a share of the 790 TFLOP/s bf16 matmul peak measured on this H100 (shared/ENVIRONMENT.md). Extra
+   a share of the bf16 matmul peak measured in the same run (8192^3; 790 if not measured). Extra
    memory = peak allocated - inputs - outputs (the gradients), per call. The compile run is never timed.
 3. fused_grpo_loss forward+backward (B = N / 1024 sequences of 1024 tokens) against the naive
    composition, and grpo_loss / vote_count on their own.
@@ -51,7 +51,7 @@ from vzero_fast.kernels import (  # noqa: E402
     vote_count,
 )
 
-PEAK_TFLOPS = 790.0  # bf16 dense matmul measured on the H100 (shared/ENVIRONMENT.md)
+PEAK_TFLOPS = 790.0  # bf16 dense matmul (shared/ENVIRONMENT.md); `run` replaces it by this device's, measured
 TARGETS = {"speedup_vs_eager": 1.5, "tflops": 400.0, "tflops_stretch": 600.0, "memory_share": 0.05}
 
 
@@ -339,6 +339,72 @@ def table(rows):
     return "\n".join(lines)
 
 
+def measure_peak_tflops(device) -> float | None:
+    """bf16 dense matmul rate of this device, measured now (8192^3, do_bench median): the ceiling the
+    kernels' effective TFLOP/s are compared with."""
+    if device != "cuda":
+        return None
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    ms = triton.testing.do_bench(lambda: a @ b, warmup=25, rep=200)
+    return 2 * 8192 ** 3 / (ms * 1e-3) / 1e12
+
+
+def run(*, n_list, hidden, vocab, rep_ms=1000, naive_check_limit=4096, compile_baseline=True, smoke=False,
+        deadline: float | None = None, on_progress=None) -> dict:
+    """Checks and timings (the module docstring's steps 1-3); returns the result dict, with "markdown".
+    `deadline` (time.time()): token counts not started by then are skipped (their rows say so).
+    `on_progress(partial)` gets {"checks", "rows"} after each token count (a killed run keeps them)."""
+    global PEAK_TFLOPS
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if smoke:
+        n_list, hidden, vocab, compile_baseline = [16, 40], 32, 300, False
+    elif device != "cuda":
+        raise SystemExit("no CUDA device: run with --smoke to exercise the script on CPU")
+    H, V = hidden, vocab
+    measured = measure_peak_tflops(device)
+    if measured is not None:
+        PEAK_TFLOPS = measured
+    info = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu (Triton interpreter)",
+            "torch": torch.__version__, "triton": triton.__version__, "commit": _commit(),
+            "date": datetime.date.today().isoformat(), "H": H, "V": V, "dtype": "bf16", "n": n_list,
+            "peak_tflops_bf16_measured": measured}
+    print(json.dumps(info), flush=True)
+    compiled = torch.compile(fused_linear_logprob_reference, dynamic=False) if compile_baseline else None
+
+    class _Args:  # what bench_* read
+        pass
+
+    args = _Args()
+    args.rep_ms = rep_ms
+    checks, rows = [], []
+    for N in n_list:
+        if deadline is not None and time.time() > deadline:
+            rows.append({"op": "fused_linear_logprob", "N": N, "H": H, "V": V, "impl": "-", "mode": "-",
+                         "error": "skipped: out of time"})
+            continue
+        inputs = make_inputs(N, H, V, device, seed=N)
+        try:
+            checks.append(check_logprob(N, inputs, naive_check_limit))
+        except Exception as exc:
+            checks.append({"op": "fused_linear_logprob", "N": N, "pass": False,
+                           "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"})
+            traceback.print_exc()
+        print("check", json.dumps(checks[-1]), flush=True)
+        if device == "cuda":
+            torch.cuda.empty_cache()
+        rows += bench_logprob(N, H, V, inputs, args, device, compiled)
+        if N == n_list[0]:
+            rows += bench_grpo(N, H, V, inputs, args, device)
+        del inputs
+        if on_progress is not None:
+            on_progress({"checks": checks, "rows": rows, "markdown": table(rows)})
+    rows += bench_small(args, device)
+    md = table(rows)
+    return {**info, "peak_tflops_used": PEAK_TFLOPS, "checks": checks, "rows": rows, "targets": TARGETS,
+            "verdict": verdict(rows), "markdown": md}
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, help="JSON results path (a .md table is written beside it)")
@@ -350,45 +416,16 @@ def main():
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
     p.add_argument("--smoke", action="store_true", help="tiny shapes; runs on CPU in the Triton interpreter")
     args = p.parse_args()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.smoke:
-        args.n, args.hidden, args.vocab, args.no_compile = [16, 40], 32, 300, True
-    elif device != "cuda":
-        sys.exit("no CUDA device: run with --smoke to exercise the script on CPU")
-    H, V = args.hidden, args.vocab
-    info = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu (Triton interpreter)",
-            "torch": torch.__version__, "triton": triton.__version__, "commit": _commit(),
-            "date": datetime.date.today().isoformat(), "H": H, "V": V, "dtype": "bf16", "n": args.n}
-    print(json.dumps(info), flush=True)
-    compiled = None if args.no_compile else torch.compile(fused_linear_logprob_reference, dynamic=False)
-
-    checks, rows = [], []
-    for N in args.n:
-        inputs = make_inputs(N, H, V, device, seed=N)
-        try:
-            checks.append(check_logprob(N, inputs, args.naive_check_limit))
-        except Exception as exc:
-            checks.append({"op": "fused_linear_logprob", "N": N, "pass": False,
-                           "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"})
-            traceback.print_exc()
-        print("check", json.dumps(checks[-1]), flush=True)
-        if device == "cuda":
-            torch.cuda.empty_cache()
-        rows += bench_logprob(N, H, V, inputs, args, device, compiled)
-        if N == args.n[0]:
-            rows += bench_grpo(N, H, V, inputs, args, device)
-        del inputs
-    rows += bench_small(args, device)
-
-    md = table(rows)
-    result = {**info, "checks": checks, "rows": rows, "targets": TARGETS, "verdict": verdict(rows)}
+    result = run(n_list=args.n, hidden=args.hidden, vocab=args.vocab, rep_ms=args.rep_ms,
+                 naive_check_limit=args.naive_check_limit, compile_baseline=not args.no_compile, smoke=args.smoke)
+    md = result.pop("markdown")
     print(md)
     print("verdict", json.dumps(result["verdict"]))
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
     with open(os.path.splitext(args.out)[0] + ".md", "w") as f:
-        f.write(f"{json.dumps(info)}\n\n{md}\n")
+        f.write(f"{md}\n")
     print(json.dumps(result))
 
 

@@ -5,7 +5,7 @@ model built there), then sums the `time_<stage>` keys of each iteration's rows p
 not cover (model loads, KL references, the checkpoint written at the end of each stage) is reported as
 "untimed": the iteration's wall-clock minus the timed sum.
 
-Run:  /work/venv/bin/python benchmarks/vzero_tiny.py [--iterations 1] [--out DIR] [dotted overrides]
+Run:  python benchmarks/vzero_tiny.py [--iterations 1] [--out DIR] [dotted overrides]
 The last line is one JSON object; numbers go to benchmarks/RESULTS.md ("V-Zero tiny iteration (CPU)").
 """
 

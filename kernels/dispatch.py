@@ -11,7 +11,7 @@ the kernels on CPU tensors); otherwise it raises instead of silently running som
 
 Each op logs once per backend, on logger "vzero_fast.kernels", which path ran.
 
-`triton` / `tl` are re-exported from here: pyproject installs triton on Linux only, and elsewhere a stub
+`triton` / `tl` / `TensorDescriptor` (host-side TMA descriptors) are re-exported from here: pyproject installs triton on Linux only, and elsewhere a stub
 keeps the kernel modules importable (only their torch paths can run then).
 """
 
@@ -27,6 +27,7 @@ import torch
 try:
     import triton
     import triton.language as tl
+    from triton.tools.tensor_descriptor import TensorDescriptor
 
     HAS_TRITON = True
 except ImportError:  # pragma: no cover - non-Linux installs
@@ -42,6 +43,7 @@ except ImportError:  # pragma: no cover - non-Linux installs
             return fn if fn is not None else (lambda f: f)
 
     triton = tl = _NoTriton  # type: ignore[assignment]
+    TensorDescriptor = None  # type: ignore[assignment,misc]
 
 log = logging.getLogger("vzero_fast.kernels")
 

@@ -33,19 +33,29 @@ def train(args: list[str], *, timeout: float = 900) -> None:
     subprocess.run([*TRAIN, *args], check=True, env=ENV, capture_output=True, timeout=timeout)
 
 
-def train_until_sigterm(args: list[str], out: Path, *, after_rows: int, timeout: float = 900) -> tuple[int, bytes]:
-    """Start a run, send SIGTERM once `after_rows` metrics rows exist; returns (rows at exit, its output).
-    The run must exit 0 (it saves a checkpoint and stops cleanly)."""
+def train_until_signal(args: list[str], out: Path, *, after_rows: int, sig: int = signal.SIGTERM,
+                      timeout: float = 900) -> tuple[int, bytes]:
+    """Start a run, send `sig` once `after_rows` metrics rows exist; returns (rows at exit, its output).
+    The run must save a checkpoint, stop cleanly and exit with the shell's code for the signal (128 + sig)."""
     proc = subprocess.Popen([*TRAIN, *args, "--out", str(out)], env=ENV, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT)
     deadline = time.time() + timeout
     while len(read_metrics(out)) < after_rows and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     assert proc.poll() is None, "the run ended before it could be interrupted"
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     output, _ = proc.communicate(timeout=timeout)
-    assert proc.returncode == 0, output.decode()[-3000:]
+    assert proc.returncode == 128 + sig, (proc.returncode, output.decode()[-3000:])
     return len(read_metrics(out)), output
+
+
+def train_until_killed(args: list[str], out: Path, *, at: str, timeout: float = 900) -> int:
+    """Run until the test hook VZERO_TEST_KILL_AT=`at` (vzero_fast/checkpoint.py `kill_point`) SIGKILLs it;
+    returns the metrics rows on disk."""
+    proc = subprocess.run([*TRAIN, *args, "--out", str(out)], env={**ENV, "VZERO_TEST_KILL_AT": at},
+                          capture_output=True, timeout=timeout)
+    assert proc.returncode == -signal.SIGKILL, (proc.returncode, proc.stderr.decode()[-3000:])
+    return len(read_metrics(out))
 
 
 def assert_same_weights(dir_a: Path, dir_b: Path) -> None:

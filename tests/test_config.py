@@ -27,16 +27,49 @@ def test_defaults_are_the_papers():
 
 @pytest.mark.parametrize("preset", sorted(C.PRESETS))
 def test_presets_resolve(preset):
+    """Every value the preset sets reaches the resolved config; every other field keeps its default."""
+    got, sets, default = C.to_dict(C.resolve(preset)), C.PRESETS[preset](), C.to_dict(C.Config())
+    assert set(sets) <= set(got)
+    for section, values in got.items():
+        assert set(sets.get(section, {})) <= set(values), section
+        for key, value in values.items():
+            want = sets.get(section, {}).get(key, default[section][key])
+            assert value == (list(want) if isinstance(want, tuple) else want), f"{preset}: {section}.{key}"
+
+
+def test_tiny_preset_runs_on_a_cpu():
+    cfg = C.resolve("tiny")
+    assert cfg.model.path == "" and cfg.train.device == "cpu" and cfg.train.cpu_threads == 1
+    assert cfg.vzero.format_warmup_steps > 0 and cfg.train.rollout_backend == "native"
+
+
+@pytest.mark.parametrize("preset", ["vzero-3b", "vzero-7b"])
+def test_paper_presets_match_algorithms_md(preset):
     cfg = C.resolve(preset)
-    assert isinstance(cfg, C.Config)
-
-
-def test_paper_presets_match_algorithms_md():
-    cfg = C.resolve("vzero-7b")
-    assert cfg.questioner.prompts_per_step == cfg.solver.prompts_per_step == 64
-    assert cfg.questioner.rollout_n == 4 and cfg.solver.rollout_n == 5
-    assert cfg.vzero.question_repetition_penalty == 1.1
+    for role, n, longest in ((cfg.questioner, 4, 2048), (cfg.solver, 5, 4096)):  # sections 0 and 1
+        assert (role.prompts_per_step, role.rollout_n, role.max_response_tokens) == (64, n, longest)
+        assert (role.lr, role.weight_decay, role.grad_clip, role.temperature) == (1e-6, 0.01, 1.0, 1.0)
+        assert (role.kl_coef, role.kl_type, role.clip_low, role.clip_high, role.clip_c) == (0.01, "k3", 0.2, 0.2, 0.0)
+        assert (role.loss_agg, role.advantage, role.mini_batches, role.epochs) == ("token-mean", "grpo", 2, 1)
+        assert not role.drop_zero_variance
+    vz = cfg.vzero
+    assert (vz.reward_votes, vz.reward_temperature, vz.reward_top_k, vz.reward_max_tokens) == (10, 1.0, 40, 2048)
+    assert (vz.question_temperature, vz.question_repetition_penalty) == (1.0, 1.1)
+    assert (vz.label_votes, vz.label_temperature, vz.label_top_p) == (10, 1.0, 0.9)
+    assert (vz.band_low, vz.band_high, vz.format_warmup_steps) == (0.3, 0.8, 0)
     assert cfg.train.iterations == 2 and cfg.model.dtype == "auto"
+
+
+def test_every_field_has_a_reader():
+    """A field nothing reads is a promise nothing keeps: each leaf name appears as an attribute access in
+    the package outside config.py."""
+    import pathlib
+    import re
+
+    root = pathlib.Path(C.__file__).parent
+    source = "\n".join(p.read_text() for p in sorted(root.rglob("*.py")) if p.name != "config.py")
+    unread = [k for k in C._all_keys(C.Config) if not re.search(rf"\.{k.split('.')[-1]}\b", source)]
+    assert not unread, f"config fields that no code reads: {unread}"
 
 
 def test_precedence_cli_over_file_over_preset(tmp_path):

@@ -8,7 +8,6 @@ so it can only be counted `too_large` (not `truncated`) if it was rejected befor
 from __future__ import annotations
 
 import io
-import itertools
 import json
 import logging
 import math
@@ -27,10 +26,10 @@ from vzero_fast.data import (
     ImageItem,
     SyntheticSource,
     fit_pixels,
-    iter_epoch,
     open_source,
     resize_to_bounds,
     shard_indices,
+    step_items,
     synthetic_figure,
     write_synthetic_images,
 )
@@ -424,37 +423,35 @@ def test_shards_cover_every_item_once(n, world_size):
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3])
-def test_iter_epoch_covers_good_items_and_resumes_exactly(mixed_folder, world_size, caplog):
+def test_step_items_cover_good_items_once_per_epoch(mixed_folder, world_size):
+    """One epoch of steps over all ranks: every good image once, bad ones never; the positions (what seeds a
+    prompt's sampling) do not depend on the number of ranks; a fresh process draws the same items."""
     root, expected = mixed_folder
     good = {str((root / n).absolute()) for n, r in expected.items() if r is None}
-    seen = []
+    n = len(open_source(str(root)))
+    count = world_size * 2
+    seen, positions = [], []
     for rank in range(world_size):
-        full = [item.key for item in iter_epoch(open_source(str(root)), epoch=2, seed=7, rank=rank,
-                                                world_size=world_size)]
-        seen += full
-        for k in range(0, len(full) + 2, 3 if world_size == 1 else 2):
-            # a run that consumed k items, then a restart in a fresh process (nothing cached) with start=k
-            first = itertools.islice(iter_epoch(open_source(str(root)), epoch=2, seed=7, rank=rank,
-                                                world_size=world_size), k)
-            resumed = iter_epoch(open_source(str(root)), epoch=2, seed=7, rank=rank, world_size=world_size,
-                                 start=k)
-            assert [i.key for i in first] + [i.key for i in resumed] == full, (rank, k)
+        source = open_source(str(root))
+        for step in range(-(-n // count)):
+            items = [i for i in step_items(source, seed=7, step=step, count=count, rank=rank,
+                                           world_size=world_size) if i.position < n]
+            again = step_items(open_source(str(root)), seed=7, step=step, count=count, rank=rank,
+                               world_size=world_size)
+            assert [i.key for i in items] == [i.key for i in again if i.position < n]
+            seen += [i.key for i in items]
+            positions += [(i.position, i.key) for i in items]
     assert sorted(seen) == sorted(good)  # every good image once over all ranks, bad ones never
-
-
-def test_iter_epoch_resume_in_same_process_and_synthetic():
-    source = SyntheticSource(10, seed=0, size=32)
-    full = [item.index for item in iter_epoch(source, epoch=1, seed=3, rank=1, world_size=3)]
-    assert full == shard_indices(source.epoch_order(1, 3), 1, 3)
-    assert [item.index for item in iter_epoch(source, epoch=1, seed=3, rank=1, world_size=3, start=2)] == full[2:]
-    with pytest.raises(ValueError):
-        list(iter_epoch(source, epoch=0, seed=0, start=-1))
+    order = open_source(str(root)).epoch_order(0, 7)
+    keys = open_source(str(root)).keys
+    assert all(keys[order[pos]] == key for pos, key in positions)
 
 
 def test_synthetic_describe_and_stats():
     source = SyntheticSource(4, seed=2, size=56)
-    for item in iter_epoch(source, epoch=0, seed=0):
-        assert item.image.size == (56, 56)
+    assert source.describe() == "synthetic (seed 2, 56 px): 4 images (read when first used)"
+    for i in range(4):
+        assert source.load(i).image.size == (56, 56)
     assert source.stats.loaded == 4 and source.stats.skipped == 0
     assert source.describe().startswith("synthetic (seed 2, 56 px): 4 images (4 loaded, 0 skipped")
     assert data.MAX_SIDE == 16384

@@ -138,14 +138,15 @@ def test_micro_batched_gradients_equal_one_large_batch(tiny_model_dir, tiny_poli
 
 
 def test_off_policy_and_kl_gradients_match_reference(tiny_model_dir, tiny_policy):
-    """Two mini-batches -> recomputed old log-probs; kl > 0 -> a frozen reference; dual clip on."""
+    """Two mini-batches -> recomputed old log-probs; kl > 0 -> a frozen reference; dual clip on (and active:
+    its fraction is asserted). tests/test_train_on.py checks the same against an independent gather."""
     outputs = _rollouts(tiny_policy, seed=5)
     batch = _batch(outputs, seed=1)
     R = batch.max_response
     g = torch.Generator().manual_seed(3)
     batch.old_logprobs = torch.zeros(len(batch), R)
-    for i, s in enumerate(batch.sample_logprobs):  # perturbed so that ratios leave the clip range
-        batch.old_logprobs[i, : len(s)] = s + 0.3 * torch.randn(len(s), generator=g)
+    for i, s in enumerate(batch.sample_logprobs):  # perturbed so that ratios leave the clip range, past c = 3 too
+        batch.old_logprobs[i, : len(s)] = s + 1.2 * torch.randn(len(s), generator=g)
     batch.ref_logprobs = batch.old_logprobs - 0.1
     cfg = dict(kl_coef=0.05, kl_type="k3", clip_c=3.0, max_response_tokens=8, micro_batch_tokens=40)
     want, _ = _reference_grads(tiny_model_dir, batch, cfg, R, old=batch.old_logprobs.double(),
@@ -153,7 +154,8 @@ def test_off_policy_and_kl_gradients_match_reference(tiny_model_dir, tiny_policy
     policy = load_policy(tiny_model_dir, dtype="float32", device="cpu", attn_implementation="sdpa")
     policy.model.train()
     role = _role(policy, **cfg)
-    role.accumulate(batch, list(range(len(batch))), R, agg_norm=8.0)
+    totals = role.accumulate(batch, list(range(len(batch))), R, agg_norm=8.0)
+    assert totals["clip_frac_dual"] > 0.02, totals["clip_frac_dual"]
     for name, p in policy.model.named_parameters():
         if p.grad is not None:
             torch.testing.assert_close(p.grad.double(), want[name], rtol=1e-4, atol=1e-7, msg=lambda m, name=name: f"{name}: {m}")
@@ -170,7 +172,8 @@ def test_grpo_step_updates_and_reports(tiny_model_dir):
 
     reqs = [Request.from_image_text(synthetic_figure(i, size=56), "Describe the figure.",
                                     SamplingParams(n=4, max_new_tokens=6, seed=i)) for i in range(2)]
-    reward = lambda outs: torch.tensor([[float(len(s.token_ids) % 2) for s in o.samples] for o in outs])  # noqa: E731
+    # Sample j of each group earns j % 2: every group has reward variance, so the update must happen.
+    reward = lambda outs: torch.tensor([[float(j % 2) for j in range(len(o.samples))] for o in outs])  # noqa: E731
     timer = StageTimer()
     m = to_host(role.grpo_step(reqs, reward, timer=timer))
     for key in ("reward_mean", "reward_std", "loss", "kl", "clip_frac_low", "clip_frac_high", "entropy",
@@ -179,9 +182,32 @@ def test_grpo_step_updates_and_reports(tiny_model_dir):
     # The sampler and the training forward agree on the sampled tokens (fp32 CPU).
     assert m["logprob_diff"] < 1e-4
     assert {"time_rollout", "time_reward", "time_logprob", "time_train"} <= set(timer.pop())
-    if m["groups_kept"] > 0 and m["reward_std"] > 0:
-        changed = any(not torch.equal(before[n], p) for n, p in policy.model.named_parameters())
-        assert changed and role.step == 1
+    assert m["reward_mean"] == pytest.approx(0.5) and m["reward_std"] == pytest.approx(math.sqrt(2 / 7))
+    assert m["groups_kept"] == m["groups"] == 2 and m["skipped_updates"] == 0
+    assert m["tokens"] == pytest.approx(8 * m["response_length_mean"])  # every response token, once per epoch
+    changed = [n for n, p in policy.model.named_parameters() if not torch.equal(before[n], p)]
+    assert changed and role.step == 1
+    # One AdamW step per mini-batch.
+    assert {float(s["step"]) for s in role.optimizer.optimizer.state.values()} == {2.0}
+
+
+def test_drop_zero_variance_trains_only_groups_with_signal(tiny_model_dir):
+    from vzero_fast.data import synthetic_figure
+    from vzero_fast.metrics import StageTimer, to_host
+
+    policy = load_policy(tiny_model_dir, dtype="float32", device="cpu", attn_implementation="sdpa")
+    role = _role(policy, lr=1e-3, max_response_tokens=6, mini_batches=1, kl_coef=0.0, drop_zero_variance=True)
+    reqs = [Request.from_image_text(synthetic_figure(i, size=56), "Describe the figure.",
+                                    SamplingParams(n=4, max_new_tokens=6, seed=i)) for i in range(2)]
+    lengths = []
+
+    def reward(outs):  # group 0: all equal (no signal); group 1: two different rewards
+        lengths.extend(len(s.token_ids) for s in outs[1].samples)
+        return torch.tensor([[1.0, 1.0, 1.0, 1.0], [0.0, 1.0, 0.0, 1.0]])
+
+    m = to_host(role.grpo_step(reqs, reward, timer=StageTimer()))
+    assert m["groups"] == 2 and m["groups_kept"] == 1
+    assert m["tokens"] == sum(lengths)  # group 1's tokens only
 
 
 def test_non_finite_update_is_skipped(tiny_model_dir, tiny_policy):
@@ -205,10 +231,10 @@ def test_optimizer_offload_round_trip(tiny_model_dir, tiny_policy):
     from vzero_fast.metrics import StageTimer
 
     role.train_on(_batch(_rollouts(tiny_policy, n_prompts=2)), timer=StageTimer())
-    state = {k: {n: v.clone() for n, v in s.items()} for k, s in role.optimizer.state.items()}
+    state = {k: {n: v.clone() for n, v in s.items()} for k, s in role.optimizer.optimizer.state.items()}
     role.offload_optimizer()
-    assert all(v.device.type == "cpu" for s in role.optimizer.state.values() for v in s.values())
+    assert all(v.device.type == "cpu" for s in role.optimizer.optimizer.state.values() for v in s.values())
     role.onload_optimizer()
-    for k, s in role.optimizer.state.items():
+    for k, s in role.optimizer.optimizer.state.items():
         for n, v in s.items():
             assert torch.equal(v, state[k][n])

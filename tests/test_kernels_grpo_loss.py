@@ -25,6 +25,7 @@ CLIPS = {"symmetric": {"clip_low": 0.2, "clip_high": 0.2},
          "clip-higher": {"clip_low": 0.2, "clip_high": 0.28},
          "dual-clip": {"clip_low": 0.2, "clip_high": 0.2, "clip_c": 3.0}}
 LENGTHS = [37, 20, 0, 5]  # ragged, one all-masked row; T = 37 is no power of two
+PLANTED_ERROR = 1e-4  # relative gradient error that the fp32 bound must reject
 
 
 def _device(backend):
@@ -32,8 +33,9 @@ def _device(backend):
 
 
 def _batch(seed=0, lengths=LENGTHS, adv_2d=False, spread=0.3):
-    """float64 logp, old, ref [B, T] (log-ratios of std `spread`, many outside the clip range), advantages,
-    mask with the given lengths."""
+    """logp, old, ref [B, T] (log-ratios of std `spread`, many outside the clip range), advantages, mask
+    with the given lengths. Values are fp32-rounded (held in float64): the float64 truth of what an fp32
+    run sees, so that only the computation's error is measured."""
     g = torch.Generator().manual_seed(seed)
     B, T = len(lengths), max(lengths)
     logp = torch.randn(B, T, generator=g, dtype=torch.float64) * 0.5 - 1.0
@@ -41,32 +43,50 @@ def _batch(seed=0, lengths=LENGTHS, adv_2d=False, spread=0.3):
     ref = logp + torch.randn(B, T, generator=g, dtype=torch.float64) * spread
     adv = torch.randn(*((B, T) if adv_2d else (B,)), generator=g, dtype=torch.float64)
     mask = torch.arange(T)[None, :] < torch.tensor(lengths)[:, None]
-    return logp, old, ref, adv, mask
+    return (*(t.float().double() for t in (logp, old, ref, adv)), mask)
 
 
-def _run(fn, logp, adv, mask, *, dtype, device="cpu", upstream=1.7, **kw):
-    """loss, metrics and d(upstream * loss)/d logp; tensors in `kw` are moved to dtype/device."""
+def _run(fn, logp, adv, mask, *, dtype, device="cpu", upstream=1.7, planted=False, **kw):
+    """loss, metrics and d(upstream * loss)/d logp; tensors in `kw` are moved to dtype/device. `planted`:
+    the gradient comes out 1e-4 relative too large (a bug the tolerance must catch)."""
     lp = logp.to(device, dtype, copy=True).requires_grad_()
+    if planted:
+        lp.register_hook(lambda g: g * (1 + PLANTED_ERROR))
     kw = {k: (v.to(device, dtype) if torch.is_tensor(v) else v) for k, v in kw.items()}
     loss, metrics = fn(lp, adv.to(device, dtype), mask.to(device), **kw)
     (loss * upstream).backward()
     return loss, metrics, lp.grad
 
 
-def _compare(got, ref, what):
+def _compare(got, naive, ref, what):
+    """`got` (ours in fp32) against float64 `ref`, no worse than `naive` (the reference run in fp32)."""
     loss, metrics, grad = got
-    ref_loss, ref_metrics, ref_grad = ref
     assert loss.dim() == 0
-    assert_fp32_close(loss, ref_loss, f"{what} loss")
-    assert_fp32_close(grad, ref_grad, f"{what} grad")
+    assert_fp32_close(loss, naive[0], ref[0], f"{what} loss")
+    assert_fp32_close(grad, naive[2], ref[2], f"{what} grad")
     assert set(metrics) >= set(METRICS)
     for k in METRICS:
         m = metrics[k]
         assert m.dim() == 0 and not m.requires_grad and m.device == loss.device, k
         if k.startswith("clip_frac"):  # a ratio of counts
-            assert abs(m.item() - ref_metrics[k].item()) <= METRIC_ATOL, (what, k, m.item(), ref_metrics[k].item())
+            assert abs(m.item() - ref[1][k].item()) <= METRIC_ATOL, (what, k, m.item(), ref[1][k].item())
         else:  # a mean of fp32 values
-            assert_fp32_close(m, ref_metrics[k], f"{what} {k}")
+            assert_fp32_close(m, naive[1][k], ref[1][k], f"{what} {k}")
+
+
+def _check_fp32(backend, loss_agg, kl_type, clip, planted=False):
+    # Per-token advantages of both signs and log-ratios of std 1: every branch (unclipped, low, high, dual).
+    logp, old, ref, adv, mask = _batch(seed=len(loss_agg) + len(clip), adv_2d=True, spread=1.0)
+    kw = dict(old_logprobs=old, ref_logprobs=ref, kl_coef=0.1, kl_type=kl_type, loss_agg=loss_agg,
+              agg_norm=50.0, **CLIPS[clip])
+    expected = _run(grpo_loss_reference, logp, adv, mask, dtype=torch.float64, **kw)
+    naive = _run(grpo_loss_reference, logp, adv, mask, dtype=torch.float32, device=_device(backend), **kw)
+    with force_backend(backend):
+        got = _run(grpo_loss, logp, adv, mask, dtype=torch.float32, device=_device(backend), planted=planted, **kw)
+    assert expected[1]["clip_frac_low"] > 0 and expected[1]["clip_frac_high"] > 0  # clipping is exercised
+    if "clip_c" in kw:
+        assert expected[1]["clip_frac_dual"] > 0
+    _compare(got, naive, expected, f"{backend} {loss_agg} {kl_type} {clip}")
 
 
 @pytest.mark.parametrize("clip", CLIPS)
@@ -74,17 +94,15 @@ def _compare(got, ref, what):
 @pytest.mark.parametrize("loss_agg", LOSS_AGGS)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_matches_reference(backend, loss_agg, kl_type, clip):
-    # Per-token advantages of both signs and log-ratios of std 1: every branch (unclipped, low, high, dual).
-    logp, old, ref, adv, mask = _batch(seed=len(loss_agg) + len(clip), adv_2d=True, spread=1.0)
-    kw = dict(old_logprobs=old, ref_logprobs=ref, kl_coef=0.1, kl_type=kl_type, loss_agg=loss_agg,
-              agg_norm=50.0, **CLIPS[clip])
-    expected = _run(grpo_loss_reference, logp, adv, mask, dtype=torch.float64, **kw)
-    with force_backend(backend):
-        got = _run(grpo_loss, logp, adv, mask, dtype=torch.float32, device=_device(backend), **kw)
-    assert expected[1]["clip_frac_low"] > 0 and expected[1]["clip_frac_high"] > 0  # clipping is exercised
-    if "clip_c" in kw:
-        assert expected[1]["clip_frac_dual"] > 0
-    _compare(got, expected, f"{backend} {loss_agg} {kl_type} {clip}")
+    _check_fp32(backend, loss_agg, kl_type, clip)
+
+
+@pytest.mark.parametrize("loss_agg", LOSS_AGGS)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fp32_bound_rejects_a_1e4_gradient_error(backend, loss_agg):
+    """The fp32 bound has teeth: a gradient 1e-4 relative off (a hook scales it) fails it."""
+    with pytest.raises(AssertionError, match=f"{backend} {loss_agg} k3 dual-clip grad: error"):
+        _check_fp32(backend, loss_agg, "k3", "dual-clip", planted=True)
 
 
 @pytest.mark.parametrize("adv_2d", [False, True])
@@ -95,11 +113,12 @@ def test_policy_and_advantage_shapes(backend, on_policy, adv_2d):
     logp, old, ref, adv, mask = _batch(seed=7, adv_2d=adv_2d, spread=2.0)
     kw = dict(old_logprobs=None if on_policy else old, ref_logprobs=ref, kl_coef=0.05, clip_c=3.0)
     expected = _run(grpo_loss_reference, logp, adv, mask, dtype=torch.float64, **kw)
+    naive = _run(grpo_loss_reference, logp, adv, mask, dtype=torch.float32, device=_device(backend), **kw)
     with force_backend(backend):
         got = _run(grpo_loss, logp, adv, mask, dtype=torch.float32, device=_device(backend), **kw)
     if on_policy:
         assert got[1]["ratio_mean"].item() == 1.0 and got[1]["clip_frac_high"].item() == 0.0
-    _compare(got, expected, f"{backend} on_policy={on_policy} adv_2d={adv_2d}")
+    _compare(got, naive, expected, f"{backend} on_policy={on_policy} adv_2d={adv_2d}")
 
 
 @pytest.mark.parametrize("loss_agg", LOSS_AGGS)
@@ -142,10 +161,11 @@ def test_extreme_log_ratios(backend, kl_type):
     logp, old, ref, adv, mask = _batch(seed=5, spread=30.0)
     kw = dict(old_logprobs=old, ref_logprobs=ref, kl_coef=0.01, kl_type=kl_type)
     expected = _run(grpo_loss_reference, logp, adv, mask, dtype=torch.float64, **kw)
+    naive = _run(grpo_loss_reference, logp, adv, mask, dtype=torch.float32, device=_device(backend), **kw)
     with force_backend(backend):
         got = _run(grpo_loss, logp, adv, mask, dtype=torch.float32, device=_device(backend), **kw)
     assert ((logp - old).abs()[mask] > 20).any()
-    _compare(got, expected, f"{backend} extreme {kl_type}")
+    _compare(got, naive, expected, f"{backend} extreme {kl_type}")
 
 
 @pytest.mark.parametrize("loss_agg", LOSS_AGGS)
@@ -156,14 +176,15 @@ def test_agg_divisor_sums_micro_batches_to_the_batch(backend, loss_agg):
     logp, old, ref, adv, mask = _batch(seed=6)
     kw = dict(old_logprobs=old, ref_logprobs=ref, kl_coef=0.1, loss_agg=loss_agg, agg_norm=40.0)
     divisor = mask.sum() if loss_agg == "token-mean" else (mask.sum(1) > 0).sum()
+    expected = _run(grpo_loss_reference, logp, adv, mask, dtype=torch.float64, **kw)
+    naive = _run(grpo_loss_reference, logp, adv, mask, dtype=torch.float32, device=_device(backend), **kw)
     with force_backend(backend):
-        full = _run(grpo_loss, logp, adv, mask, dtype=torch.float32, device=_device(backend), **kw)
         parts = [_run(grpo_loss, logp[rows], adv[rows], mask[rows], dtype=torch.float32,
                       device=_device(backend), agg_divisor=divisor.to(_device(backend)),
                       **{**kw, "old_logprobs": old[rows], "ref_logprobs": ref[rows]})
                  for rows in (slice(0, 1), slice(1, 4))]
-    assert_fp32_close(parts[0][0] + parts[1][0], full[0], "loss")
-    assert_fp32_close(torch.cat([parts[0][2], parts[1][2]]), full[2], "grad")
+    assert_fp32_close(parts[0][0] + parts[1][0], naive[0], expected[0], "loss")
+    assert_fp32_close(torch.cat([parts[0][2], parts[1][2]]), naive[2], expected[2], "grad")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -198,15 +219,16 @@ def test_argument_errors():
 def test_fused_grpo_loss_matches_reference(backend, B, T, H, V, return_entropy):
     g = torch.Generator().manual_seed(9)
     scale = (3.0 / H ** 0.5) ** 0.5
-    hidden = torch.randn(B, T, H, generator=g, dtype=torch.float64) * scale
-    weight = torch.randn(V, H, generator=g, dtype=torch.float64) * scale
+    # fp32-rounded values held in float64 (see _batch)
+    hidden = (torch.randn(B, T, H, generator=g, dtype=torch.float64) * scale).float().double()
+    weight = (torch.randn(V, H, generator=g, dtype=torch.float64) * scale).float().double()
     targets = torch.randint(0, V, (B, T), generator=g)
     mask = torch.arange(T)[None, :] < torch.tensor([T, T - 3, 0][:B])[:, None]
     targets[~mask] = -100  # padding ids outside the vocabulary must not matter
     logp0 = fused_linear_logprob_reference(hidden, weight, targets.clamp(min=0), temperature=0.8)
-    old = logp0 + torch.randn(B, T, generator=g, dtype=torch.float64) * 0.3
-    ref = logp0 + torch.randn(B, T, generator=g, dtype=torch.float64) * 0.3
-    adv = torch.randn(B, generator=g, dtype=torch.float64)
+    old = (logp0 + torch.randn(B, T, generator=g, dtype=torch.float64) * 0.3).float().double()
+    ref = (logp0 + torch.randn(B, T, generator=g, dtype=torch.float64) * 0.3).float().double()
+    adv = torch.randn(B, generator=g, dtype=torch.float64).float().double()
     kw = dict(temperature=0.8, return_entropy=return_entropy, old_logprobs=old, ref_logprobs=ref,
               kl_coef=0.1, clip_c=3.0, loss_agg="seq-mean-token-mean")
 
@@ -219,17 +241,18 @@ def test_fused_grpo_loss_matches_reference(backend, B, T, H, V, return_entropy):
         return loss, metrics, h.grad, w.grad
 
     expected = run(fused_grpo_loss_reference, torch.float64, "cpu")
+    naive = run(fused_grpo_loss_reference, torch.float32, _device(backend))
     with force_backend(backend):
         got = run(fused_grpo_loss, torch.float32, _device(backend))
     for i, name in ((0, "loss"), (2, "grad_hidden"), (3, "grad_weight")):
-        assert_fp32_close(got[i], expected[i], f"{backend} {name}")
+        assert_fp32_close(got[i], naive[i], expected[i], f"{backend} {name}")
     keys = METRICS + (("entropy",) if return_entropy else ())
     assert set(got[1]) == set(keys)
     for k in keys:
         if k.startswith("clip_frac"):
             assert abs(got[1][k].item() - expected[1][k].item()) <= METRIC_ATOL, k
         else:
-            assert_fp32_close(got[1][k], expected[1][k], f"{backend} {k}")
+            assert_fp32_close(got[1][k], naive[1][k], expected[1][k], f"{backend} {k}")
 
 
 @pytest.mark.gpu
@@ -237,5 +260,6 @@ def test_grpo_loss_cuda_matches_torch():
     logp, old, ref, adv, mask = _batch(seed=10, lengths=[1000, 513, 0, 77])
     kw = dict(old_logprobs=old, ref_logprobs=ref, kl_coef=0.1, clip_c=3.0, loss_agg="seq-mean-token-sum-norm")
     expected = _run(grpo_loss_reference, logp, adv, mask, dtype=torch.float64, **kw)
+    naive = _run(grpo_loss_reference, logp, adv, mask, dtype=torch.float32, device="cuda", **kw)
     got = _run(grpo_loss, logp, adv, mask, dtype=torch.float32, device="cuda", **kw)
-    _compare(got, expected, "cuda")
+    _compare(got, naive, expected, "cuda")

@@ -7,6 +7,7 @@ log_softmax (log-probs), direct per-element formulas (logits processing), forwar
 import copy
 import dataclasses
 import logging
+import warnings
 
 import pytest
 import torch
@@ -130,6 +131,17 @@ def test_image_encoded_once_per_prompt(tiny_policy, engine, images):
         assert o.pixel_values.shape[0] == o.image_grid_thw.prod()
         assert int(o.mm_token_type_ids.sum()) == o.image_grid_thw.prod() // 4 == (o.prompt_ids ==
                                                                                  tiny_policy.image_token_id).sum()
+
+
+def test_no_deprecated_model_arguments(engine, images):
+    """The engine calls the model with the installed transformers' argument names: no deprecation warning
+    (>= 5.24 takes the KV cache as `cache=`, and `past_key_values=` warns; rollout.py `_cache_kwarg`). That
+    the cache is really used is what the greedy and log-prob tests above check."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        engine.generate(_requests(images, n=2, temperature=1.0, max_new_tokens=3))
+    deprecated = [str(w.message) for w in caught if issubclass(w.category, (FutureWarning, DeprecationWarning))]
+    assert not deprecated, deprecated
 
 
 def test_batches_follow_token_budget_and_mode_restored(tiny_policy, images):
@@ -312,23 +324,31 @@ def test_deterministic_per_seed(tiny_policy, engine, images):
 
 
 def test_stats_and_log(engine, images, caplog):
-    with caplog.at_level(logging.INFO, logger="vzero_fast.rollout"):
+    with caplog.at_level(logging.DEBUG, logger="vzero_fast.rollout"):  # one line per call: DEBUG, not INFO
         outs = engine.generate(_requests(images, n=3, temperature=1.0, max_new_tokens=5, seed=0))
     st = engine.stats
     assert st.generated_tokens == sum(len(s.token_ids) for o in outs for s in o.samples)
     assert st.sequences == 6 and st.requests == 2 and st.batches == 1
     assert st.tokens_per_s > 0 and st.prefill_seconds > 0 and st.decode_seconds > 0
     assert st.as_dict()["tokens_per_s"] == st.tokens_per_s and st.as_dict()["generated_tokens"] == st.generated_tokens
-    assert "generated tokens/s" in caplog.text
+    assert [r.levelno for r in caplog.records if "generated tokens/s" in r.getMessage()] == [logging.DEBUG]
 
 
-def test_factory_and_hooks(tiny_policy):
+def test_factory_and_hooks(tiny_policy, images):
+    """The native engine samples from the policy's own weights: after sleep, a sync and wake it draws exactly
+    what it drew before (nothing was copied, freed or reseeded), and it follows the policy it is synced to."""
     eng = make_engine(tiny_policy, "native")
-    assert isinstance(eng, RolloutEngine) and eng.name == "native"
-    eng.sync_weights(tiny_policy)
+    assert isinstance(eng, RolloutEngine) and eng.name == "native" and eng.policy is tiny_policy
+    reqs = _requests(images, n=2, temperature=1.0, max_new_tokens=4, seed=3)
+    before = [s.token_ids.tolist() for o in eng.generate(reqs) for s in o.samples]
     eng.sleep()
+    eng.sync_weights(tiny_policy)
     eng.wake()
+    assert [s.token_ids.tolist() for o in eng.generate(reqs) for s in o.samples] == before
     assert eng.generate([]) == []
+    other = object()
+    eng.sync_weights(other)
+    assert eng.policy is other
     with pytest.raises(NotImplementedError, match="not implemented yet"):
         make_engine(tiny_policy, "vllm")
     with pytest.raises(ValueError, match="unknown rollout backend"):

@@ -1,13 +1,13 @@
 """The offline tiny Qwen2.5-VL: deterministic, complete, small, the real architecture, loadable by transformers."""
 
 import json
-import time
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
+from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoTokenizer, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
 from vzero_fast.model import chat_prompt, encode_prompts, load_policy
@@ -130,12 +130,12 @@ def test_chat_template_renders_image_placeholder(tiny_policy):
         "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
 
 
-def test_forward_with_one_small_image_is_fast(tiny_policy):
+def test_forward_with_one_small_image_is_cheap(tiny_policy):
+    """Cheap by construction, counted in FLOPs rather than timed (a wall-clock bound tests the machine and its
+    load): one 56x56 image and a short prompt cost ~70 MFLOP, under a second even at 1 GFLOP/s."""
     batch = encode_prompts(tiny_policy, [_image(56, 56, 0)], ["Describe the figure."])
-    times = []
-    with torch.no_grad():
-        for _ in range(3):
-            start = time.perf_counter()
-            tiny_policy.model(**batch)
-            times.append(time.perf_counter() - start)
-    assert min(times) < 1.0, times
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        logits = tiny_policy.model(**batch).logits
+    assert logits.shape == (1, batch["input_ids"].shape[1], tiny_policy.model.config.text_config.vocab_size)
+    assert torch.isfinite(logits).all()
+    assert 0 < counter.get_total_flops() < 1e9, counter.get_total_flops()

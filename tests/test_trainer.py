@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _runs import assert_same_weights, stable_metrics, train, train_until_sigterm
+from _runs import assert_same_weights, stable_metrics, train, train_until_signal
 
 from vzero_fast.config import parse_overrides, resolve
 from vzero_fast.metrics import read_metrics
@@ -100,7 +100,7 @@ def test_sigterm_then_resume_equals_uninterrupted(tmp_path, tiny_model_dir):
     assert len(want) == 8
 
     # mid-way: in iteration 2, between two periodic checkpoints
-    stopped_at, out = train_until_sigterm(args, cut, after_rows=5)
+    stopped_at, out = train_until_signal(args, cut, after_rows=5)
     assert 5 <= stopped_at < 8, "SIGTERM should stop the run before its end"
     assert b"--resume" in out
 

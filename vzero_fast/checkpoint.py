@@ -127,11 +127,15 @@ class CheckpointManager:
         self.root.mkdir(parents=True, exist_ok=True)
         self.keep_last = keep_last
         self._saved: dict[str, tuple[int, Path]] = {}  # role -> (step saved, dir)
+        self.written: list[Path] = []  # what this process wrote (trainer states and role directories)
 
     # ---------------------------------------------------------------------------------------- roles
 
     def save_role(self, role, *, tag: str | None = None) -> Path:
-        """HF directory of a role; `tag` (e.g. "iter-1") names a kept directory, else step-NNNNNN."""
+        """HF directory of a role; `tag` (e.g. "iter-1") names a kept directory, else step-NNNNNN. A role that
+        has never stepped is the directory it was loaded from (nothing is written)."""
+        if tag is None and role.step == 0 and role.name not in self._saved:
+            return Path(role.policy.path)
         name = tag or f"step-{role.step:06d}"
         prev = self._saved.get(role.name)
         # Rank 0's view of the filesystem decides, so that every rank takes the same (collective) branch.
@@ -152,10 +156,9 @@ class CheckpointManager:
             state = dist.full_state_dict(model) if dist.is_sharded(model) else None  # every rank gathers
             if dist.is_main():
                 save_model_dir(model, role.policy.path, out, state_dict=state)
+                self.written.append(out)
         dist.barrier()
         self._saved[role.name] = (role.step, out)
-        if dist.is_main():
-            self._prune_role(role.name)
         return out
 
     def role_dirs(self, role_name: str) -> list[Path]:
@@ -163,6 +166,8 @@ class CheckpointManager:
         return sorted(base.glob("step-*")) if base.exists() else []
 
     def _prune_role(self, role_name: str) -> None:
+        """Delete old step directories (after latest.json names the new ones: a kill never leaves it pointing
+        at a deleted directory)."""
         live = {str(d) for _, d in self._saved.values()}
         dirs = self.role_dirs(role_name)
         for d in dirs[: max(0, len(dirs) - self.keep_last)]:
@@ -172,31 +177,48 @@ class CheckpointManager:
     # ---------------------------------------------------------------------------------- trainer state
 
     def save(self, roles: dict[str, Any], state: dict[str, Any]) -> Path:
-        """Save every role (weights only where changed) and the trainer state; then point latest at it."""
-        role_dirs = {name: str(self.save_role(role).relative_to(self.root)) for name, role in roles.items()}
-        # Full optimizer states keyed by parameter name (gathered to rank 0 when sharded: every rank calls).
-        optim = {name: dist.optimizer_state(role.policy.model, role.optimizer) for name, role in roles.items()}
+        """Save every role (weights only where changed) and the trainer state; then point latest at it.
+
+        The order makes every completed save a resume point and a partial one harmless: role directories,
+        then the trainer state (written to a temporary name and renamed), then latest.json (likewise), then
+        pruning of what latest.json no longer needs."""
+        role_dirs = {name: self._rel(self.save_role(role)) for name, role in roles.items()}
+        # Full optimizer states keyed by parameter name (gathered to rank 0 when sharded: every rank calls);
+        # {} for a role that has not stepped yet (vzero_fast/optim.py).
+        optim = {name: role.optimizer.state_dict() for name, role in roles.items()}
         seq = dist.broadcast_object(self._next_seq() if dist.is_main() else None)
         path = self.root / f"trainer_state-{seq:06d}.pt"
         if dist.is_main():
             payload = {
                 "state": state,
                 "roles": {name: {"dir": role_dirs[name], "step": role.step, "skipped_steps": role.skipped_steps,
-                                 "optimizer": optim[name]} for name, role in roles.items()},
+                                 "has_optimizer": role.optimizer.has_state, "optimizer": optim[name]}
+                          for name, role in roles.items()},
                 "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
                 "world_size": dist.world_size(),
             }
             tmp = _tmp_sibling(path)
             torch.save(payload, tmp)
             os.replace(tmp, path)
+            self.written.append(path)
+            kill_point("save")  # tests: a kill between the trainer state and latest.json
             latest_tmp = _tmp_sibling(self.root / "latest.json")
             latest_tmp.write_text(json.dumps({"trainer_state": path.name, "roles": role_dirs, "state": state},
                                              indent=1))
             os.replace(latest_tmp, self.root / "latest.json")
+            for name in roles:
+                self._prune_role(name)
             self._prune_states()
             log.info("checkpoint %s (%s)", path.name, ", ".join(f"{k}: {v}" for k, v in role_dirs.items()))
         dist.barrier()
         return path
+
+    def _rel(self, path: Path) -> str:
+        """A role directory as latest.json names it: relative to checkpoints/ when inside the run directory
+        (the run directory can move), else absolute (a --model directory)."""
+        path = Path(path).resolve()
+        run_dir = self.root.parent.resolve()
+        return os.path.relpath(path, self.root.resolve()) if path.is_relative_to(run_dir) else str(path)
 
     def _next_seq(self) -> int:
         seqs = [int(m.group(1)) for p in self.root.glob("trainer_state-*.pt")
@@ -218,7 +240,7 @@ class CheckpointManager:
         """Load the newest checkpoint into `roles` (weights, optimizer, counters); returns the state."""
         latest = self.latest()
         if latest is None:
-            raise FileNotFoundError(f"--resume: no checkpoint in {self.root} (latest.json is missing)")
+            raise FileNotFoundError(f"no complete checkpoint in {self.root} (latest.json is missing)")
         # Rank 0 reads the payload (optimizer states can be tens of GB); the others get its small part.
         payload = (torch.load(self.root / latest["trainer_state"], map_location="cpu", weights_only=False)
                    if dist.is_main() else None)
@@ -228,8 +250,8 @@ class CheckpointManager:
         for name, role in roles.items():
             info = meta["roles"][name]
             load_weights_into(role.policy.model, self.root / info["dir"])
-            dist.load_optimizer_state(role.policy.model, role.optimizer,
-                                      payload["roles"][name]["optimizer"] if payload is not None else {})
+            role.optimizer.load_state_dict(payload["roles"][name]["optimizer"] if payload is not None else {},
+                                           has_state=info.get("has_optimizer", True))
             role.step = info["step"]
             role.skipped_steps = info["skipped_steps"]
             self._saved[name] = (role.step, self.root / info["dir"])
@@ -242,17 +264,20 @@ class CheckpointManager:
 
 
 class StopFlag:
-    """SIGTERM / SIGINT set a flag; the trainer checks it between steps, saves and exits cleanly.
-    A second signal while the flag is set exits at once (the previous checkpoint stays valid)."""
+    """SIGTERM / SIGINT set a flag; the trainer checks it between steps, saves and exits cleanly (with the
+    shell's code, 128 + the signal number). A second signal while the flag is set exits at once (the previous
+    checkpoint stays valid)."""
 
     def __init__(self):
         self.requested = False
+        self.signum: int | None = None
         self._old: dict[int, Any] = {}
 
     def _handle(self, signum, frame):  # noqa: ARG002
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
+        self.signum = signum
         log.warning("received %s: saving a checkpoint after the current step, then exiting",
                     signal.Signals(signum).name)
 
@@ -265,3 +290,20 @@ class StopFlag:
         for sig, old in self._old.items():
             signal.signal(sig, old)
         return False
+
+
+KILL_ENV = "VZERO_TEST_KILL_AT"
+_kill_counts: dict[str, int] = {}
+
+
+def kill_point(name: str) -> None:
+    """Test hook: with VZERO_TEST_KILL_AT=<name>:<k> the process SIGKILLs itself the k-th time it passes the
+    point `name` ("step": after a step's metrics row; "save": inside a save, after the trainer state and
+    before latest.json; "stage_end": after a stage's end-of-stage save). Nothing happens without the variable."""
+    at = os.environ.get(KILL_ENV)
+    if not at:
+        return
+    _kill_counts[name] = _kill_counts.get(name, 0) + 1
+    point, _, k = at.partition(":")
+    if point == name and _kill_counts[name] == int(k or 1):
+        os.kill(os.getpid(), signal.SIGKILL)

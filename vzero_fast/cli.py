@@ -17,10 +17,15 @@ than 0 log warnings only (every rank with -v), each line prefixed with its rank.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
+import signal
 import sys
+import time
 from pathlib import Path
+
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from vzero_fast import config as cfgmod
 
@@ -33,6 +38,11 @@ def _setup_logging(verbose: bool = False) -> None:
     level = logging.DEBUG if verbose else (logging.INFO if rank == 0 else logging.WARNING)
     logging.basicConfig(level=level, format=f"%(asctime)s {prefix}%(name)s %(levelname)s %(message)s",
                         datefmt="%H:%M:%S")
+    if not sys.stderr.isatty():  # transformers' "Loading weights" bars: noise in a log file
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
 
 
 def _cmd_make_tiny(args: argparse.Namespace) -> int:
@@ -75,6 +85,29 @@ TRAIN_FLAGS = {"recipe": "train.recipe", "out": "train.out", "iterations": "trai
                "seed": "train.seed", "model": "model.path", "images": "data.images", "device": "train.device"}
 
 
+# Presets for a --model given without --preset / --config, by the text model's hidden size.
+PRESET_BY_HIDDEN = {2048: "vzero-3b", 3584: "vzero-7b"}
+TINY_HIDDEN_MAX = 512  # `vzero-fast make-tiny` models (hidden 64) train with the tiny preset
+
+
+def preset_for_model(model_dir: str | Path) -> str:
+    """The preset that fits a model directory (Qwen2.5-VL-3B -> vzero-3b, 7B -> vzero-7b, tiny -> tiny)."""
+    from vzero_fast.model import ModelDirError, check_model_dir
+
+    try:
+        path = check_model_dir(model_dir)
+    except ModelDirError as e:
+        raise cfgmod.ConfigError(_naming("--model", str(model_dir), e)) from None
+    config = json.loads((path / "config.json").read_text())
+    hidden = config.get("text_config", {}).get("hidden_size") or config.get("hidden_size")
+    if isinstance(hidden, int) and hidden <= TINY_HIDDEN_MAX:
+        return "tiny"
+    if hidden in PRESET_BY_HIDDEN:
+        return PRESET_BY_HIDDEN[hidden]
+    raise cfgmod.ConfigError(f"--model {model_dir}: no preset fits a model of hidden size {hidden} (presets: "
+                             f"{', '.join(sorted(cfgmod.PRESETS))}); give --preset or --config")
+
+
 def _train_config(args: argparse.Namespace, extra: list[str]) -> cfgmod.Config:
     overrides = cfgmod.parse_overrides(extra)
     for flag, key in TRAIN_FLAGS.items():
@@ -92,8 +125,39 @@ def _train_config(args: argparse.Namespace, extra: list[str]) -> cfgmod.Config:
         if not file.exists():
             raise cfgmod.ConfigError(f"--resume: {file} does not exist (is {out} a run directory?)")
     if preset is None and file is None:
-        preset = "tiny"
+        preset = preset_for_model(args.model) if args.model else "tiny"
+        if args.model:
+            log.info("--model %s: using the %s preset (--preset to choose another)", args.model, preset)
     return cfgmod.resolve(preset, file, overrides)
+
+
+def preflight(cfg: cfgmod.Config) -> None:
+    """Catch the user's mistakes before anything is built or written: the device, the model directory and
+    the images. Each raises ConfigError with one line naming the flag, the value and what is allowed."""
+    import torch
+
+    from vzero_fast.data import open_images
+    from vzero_fast.model import ModelDirError, check_model_dir
+
+    if cfg.train.device == "cuda" and not torch.cuda.is_available():
+        raise cfgmod.ConfigError("--device cuda: no CUDA device is available here (allowed: auto, cpu, cuda "
+                                 "where a GPU is visible)")
+    if cfg.model.path:
+        try:
+            check_model_dir(cfg.model.path)
+        except ModelDirError as e:
+            raise cfgmod.ConfigError(_naming("--model", cfg.model.path, e)) from None
+    if cfg.data.images:
+        try:
+            open_images(cfg.data, seed=cfg.train.seed, quiet=True)
+        except (ValueError, OSError) as e:
+            raise cfgmod.ConfigError(_naming("--images", cfg.data.images, e)) from None
+
+
+def _naming(flag: str, value: str, error: Exception) -> str:
+    """`flag value: message`, without repeating the value when the message already names it."""
+    text = str(error)
+    return f"{flag}: {text}" if value in text else f"{flag} {value}: {text}"
 
 
 def _cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
@@ -101,11 +165,16 @@ def _cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
     from vzero_fast.recipes import build_recipe
     from vzero_fast.trainer import Trainer
 
+    if args.resume and args.overwrite:
+        raise cfgmod.ConfigError("--resume continues the run in --out and --overwrite replaces it: give one")
+    started = time.perf_counter()
     cfg = _train_config(args, extra)
+    preflight(cfg)
     try:
-        trainer = Trainer(cfg, resume=args.resume)
-        recipe = build_recipe(cfg.train.recipe, trainer)
-        state = trainer.run(recipe)
+        with logging_redirect_tqdm():  # log lines print above a terminal's progress bar, not through it
+            trainer = Trainer(cfg, resume=args.resume, overwrite=args.overwrite, started=started)
+            recipe = build_recipe(cfg.train.recipe, trainer)
+            state = trainer.run(recipe)
     except RuntimeError as e:  # what a failed collective raises (DistBackendError included)
         if not distributed.is_distributed():
             raise
@@ -117,10 +186,30 @@ def _cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
                   cfg.dist.timeout_s)
         raise
     if distributed.is_main():
-        print(f"run directory: {trainer.run_dir} (metrics.jsonl, checkpoints/, config.toml); "
-              f"{state['global_step']} steps in {state['wall_s']:.1f} s")
+        _print_summary(trainer.run_dir, trainer.summary)
     distributed.shutdown()
-    return 0
+    # The shell's convention for a run a signal ended: 130 after SIGINT, 143 after SIGTERM.
+    return 128 + signal.Signals[state["stopped"]] if state["stopped"] else 0
+
+
+def _print_summary(run_dir: Path, s: dict) -> None:
+    """The end-of-run summary on stdout (run_summary.json holds the same)."""
+    lines = [f"run {s['status']}: {run_dir} ({s['wall_s']:.1f} s wall-clock, set-up included)",
+             "  steps: " + (", ".join(f"{role} {n}" for role, n in s["steps"].items()) or "none")
+             + f" ({s['global_step']} in all)"]
+    im = s["images"]
+    if im:
+        reasons = ", ".join(f"{n} {r}" for r, n in im["skipped_by_reason"].items())
+        unread = f", {im['not_read']} not read" if im["not_read"] else ""
+        lines.append(f"  images: {im['source']}: {im['candidates']} files, {im['loaded']} loaded, {im['skipped']} "
+                     f"skipped{f' ({reasons})' if reasons else ''}{unread}")
+    lines.append(f"  checkpoints: {len(s['checkpoints_written'])} written by this process; latest "
+                 f"{s['latest_checkpoint'] or 'none'}")
+    lines.append(f"  outputs: metrics.jsonl, run_summary.json, config.toml, checkpoints/ (curves: vzero-fast plot "
+                 f"{run_dir})")
+    if s["resume_command"]:
+        lines.append(f"  continue with: {s['resume_command']}")
+    print("\n".join(lines), flush=True)
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:
@@ -161,6 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default=None, choices=cfgmod.DEVICES)
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="delete what --out holds and start a new run there")
 
     p = sub.add_parser("plot", help="draw the metric curves of a run as PNG files")
     p.add_argument("run_dir")
@@ -206,9 +296,12 @@ def main(argv: list[str] | None = None) -> int:
         if extra:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         return {"plot": _cmd_plot, "make-tiny": _cmd_make_tiny, "generate": _cmd_generate, "images": _cmd_images}[args.command](args)
+    except BrokenPipeError:  # `vzero-fast config --help-config | head`: the reader has gone; not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit-time flush must not fail
+        return 0
     except cfgmod.ConfigError as e:
         print(f"vzero-fast: config error: {e}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, NotADirectoryError) as e:  # ModelDirError and missing image sources
+    except (FileNotFoundError, NotADirectoryError, FileExistsError) as e:  # ModelDirError, missing images, busy --out
         print(f"vzero-fast: {e}", file=sys.stderr)
         return 2

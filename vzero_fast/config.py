@@ -54,7 +54,9 @@ class ModelConfig:
     path: str = ""
     """Local model directory (Qwen2.5-VL-3B/7B-Instruct or `vzero-fast make-tiny DIR`); empty builds the offline tiny model in the run directory."""
     dtype: str = "auto"
-    """Parameter dtype: auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16 or float16."""
+    """Compute dtype of the weights: auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16 or float16."""
+    master_weights: bool = True
+    """With bf16/fp16 weights, AdamW updates fp32 master copies (FSDP2's mixed precision under torchrun); false = pure low-precision training, where small updates are rounded away."""
     attn_implementation: str = "auto"
     """Attention backend: auto (flash_attention_2 where flash_attn imports on CUDA, else sdpa), sdpa, flash_attention_2 or eager."""
     gradient_checkpointing: bool = False
@@ -106,8 +108,6 @@ class RoleConfig:
     """Top-k sampling of the rollouts (0 = off)."""
     repetition_penalty: float = 1.0
     """Repetition penalty of the rollouts (1.0 = off)."""
-    max_prompt_tokens: int = 1024
-    """Longest prompt, image tokens included; longer prompts are skipped and counted."""
     max_response_tokens: int = 2048
     """Longest sampled response."""
     lr: float = 1e-6
@@ -134,17 +134,17 @@ class RoleConfig:
     """Divisor of seq-mean-token-sum-norm (0 = max_response_tokens)."""
     advantage: str = "grpo"
     """Group advantage: grpo ((r - mean) / (std + 1e-6)) or drgrpo (r - mean)."""
+    drop_zero_variance: bool = False
+    """Train only on groups whose rewards differ (dynamic filtering): a zero-variance group has advantage 0 but its tokens count in the token-mean divisor."""
     mini_batches: int = 2
     """Optimizer steps per rollout batch (PPO mini-batches)."""
     epochs: int = 1
     """PPO epochs over each rollout batch."""
     micro_batch_tokens: int = 16384
     """Token budget of one forward/backward micro-batch."""
-    offload_optimizer: bool = False
-    """Keep this role's optimizer state on the CPU while another role trains."""
 
     def _validate(self, role: str) -> None:
-        for name in ("prompts_per_step", "rollout_n", "max_prompt_tokens", "max_response_tokens",
+        for name in ("prompts_per_step", "rollout_n", "max_response_tokens",
                      "mini_batches", "epochs", "micro_batch_tokens"):
             value = getattr(self, name)
             _check(isinstance(value, int) and value >= 1, f"{role}.{name}", "an integer >= 1", value)
@@ -279,9 +279,12 @@ class TrainConfig:
     """Device: auto (cuda when available), cpu or cuda."""
     cpu_threads: int = 0
     """torch intra-op CPU threads (0 = torch's default, one per core); the tiny preset uses 1."""
+    rollout_backend: str = "native"
+    """Rollout engine of every role (vzero_fast/rollout.py make_engine): native samples with the policy's own weights; vllm is not implemented yet."""
 
     def __post_init__(self) -> None:
         _check(self.cpu_threads >= 0, "train.cpu_threads", ">= 0", self.cpu_threads)
+        _check(bool(self.rollout_backend), "train.rollout_backend", "a backend name (native)", self.rollout_backend)
         _check(self.recipe in RECIPES, "train.recipe", f"one of {RECIPES}", self.recipe)
         _check(self.iterations >= 1, "train.iterations", ">= 1", self.iterations)
         _check(self.max_steps_per_role >= 0, "train.max_steps_per_role", ">= 0", self.max_steps_per_role)
@@ -340,7 +343,7 @@ class Config:
 
 def _tiny() -> dict[str, Any]:
     """CPU in minutes: the offline tiny model, 32 synthetic figures, short responses."""
-    role = dict(prompts_per_step=4, lr=1e-4, max_prompt_tokens=512, micro_batch_tokens=4096, kl_coef=0.01)
+    role = dict(prompts_per_step=4, lr=1e-4, micro_batch_tokens=4096, kl_coef=0.01)
     return {
         "model": {"path": "", "dtype": "float32", "attn_implementation": "sdpa"},
         # 32 figures: the V-Zero Solver stage asks one question per figure (measured: 12-13 valid, 11 kept).
@@ -365,11 +368,11 @@ def _vzero(model_size: str) -> dict[str, Any]:
     """The paper's hyperparameters (ALGORITHMS.md sections 0-1); the checkpoint comes from --model."""
     shared = dict(prompts_per_step=64, lr=1e-6, weight_decay=0.01, grad_clip=1.0, kl_coef=0.01, kl_type="k3",
                   clip_low=0.2, clip_high=0.2, loss_agg="token-mean", mini_batches=2, epochs=1,
-                  temperature=1.0, max_prompt_tokens=1024)
+                  temperature=1.0)
     return {
         # Gradient checkpointing: without it a 16K-token micro-batch of the 7B keeps tens of GB of activations.
-        # auto: under torchrun FSDP2 keeps fp32 master weights and computes in bf16; a plain single
-        # process on CUDA holds bf16 weights, where AdamW at lr 1e-6 loses most updates (grpo.Role warns).
+        # auto on CUDA: bf16 compute over fp32 master weights (vzero_fast/optim.py in one process, FSDP2's
+        # mixed precision under torchrun); AdamW at lr 1e-6 on bare bf16 weights would lose most updates.
         "model": {"dtype": "auto", "gradient_checkpointing": True},
         # A full checkpoint every 20 steps: without save_every only SIGTERM and the run's end write the trainer
         # state, and a crash would lose a whole iteration (~9 h in the paper's setting).
@@ -496,13 +499,6 @@ def _all_keys(cls: type, prefix: str = "") -> list[str]:
         else:
             keys.append(f"{prefix}{name}")
     return keys
-
-
-def from_dict(data: dict[str, Any], cls: type = Config, where: str = "config") -> Any:
-    """Build and validate a config dataclass from a nested dict (unknown keys are errors)."""
-    merged: dict[str, Any] = {}
-    _merge(merged, data, cls, where)
-    return _build(cls, merged)
 
 
 def _build(cls: type, data: dict[str, Any]) -> Any:

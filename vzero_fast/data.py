@@ -1,7 +1,7 @@
 """Unlabeled image sources: a folder, a JSONL/CSV listing, or synthetic figures drawn with pillow.
 
 Every source is a list of candidate entries (`keys`, `len`) and `load(i) -> ImageItem | None`. The trainer
-walks one epoch of one rank with `iter_epoch(source, epoch=, seed=, rank=, world_size=, start=)`.
+takes a step's images with `step_items(source, seed=, step=, count=, rank=, world_size=)`.
 
 Decisions:
 - `open_source(spec)` picks the source from what `spec` is: "" -> synthetic figures, a folder (recursive;
@@ -28,14 +28,13 @@ Decisions:
   transparent pixels), 16-bit greyscale scaled by 1/257, EXIF orientation applied.
 - Order: `epoch_order(epoch, seed)` is a numpy permutation seeded by (seed, epoch); ranks take a strided
   slice (`shard_indices`), so shards are disjoint, cover everything and differ in size by at most 1.
-  `start` in `iter_epoch` counts items already *yielded* on this rank (what a trainer counts), so resume
-  is exact even past bad files; indices not yet judged in this process are decoded once to find out.
-  With bad files ranks can yield different counts; a trainer doing collectives caps its steps.
+  A step's images are a pure function of (seed, step) (`step_items`), so a resumed run sees the same ones;
+  a bad file leaves its step one image short.
 - Synthetic figures (the tiny default; the V-Zero paper trained on ~4K geometry/chart images): seven kinds
   with numbers and labels a model can be asked about, drawn with PIL's built-in font (no system fonts),
   every random choice from `numpy.random.default_rng(seed)`, so a seed gives identical pixels.
 
-Test: `pytest tests/test_data.py`. Look: `python -m vzero_fast images /tmp/figs --count 14`.
+Test: `pytest tests/test_data.py`. Look: `python -m vzero_fast images figs --count 14`.
 """
 
 from __future__ import annotations
@@ -48,7 +47,7 @@ import logging
 import math
 import os
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -331,6 +330,9 @@ class ImageSource:
 
     def describe(self) -> str:
         s = self.stats
+        if not s.loaded and not s.skipped:
+            tail = f"; {s.ignored_extension} other files ignored by extension" if s.ignored_extension else ""
+            return f"{self.kind} {self.where}: {len(self)} images (read when first used{tail})"
         reasons = ", ".join(f"{getattr(s, r)} {r}" for r in REASONS if getattr(s, r))
         tail = f"; {s.ignored_extension} ignored by extension" if s.ignored_extension else ""
         return (f"{self.kind} {self.where}: {len(self)} images ({s.loaded} loaded, {s.skipped} skipped"
@@ -409,7 +411,8 @@ def read_listing(path: str | os.PathLike) -> list[Path]:
 
 
 class FolderSource(FileSource):
-    def __init__(self, root: str | os.PathLike, *, min_pixels: int | None = None, max_pixels: int | None = None):
+    def __init__(self, root: str | os.PathLike, *, min_pixels: int | None = None, max_pixels: int | None = None,
+                 quiet: bool = False):
         root = Path(root).expanduser().absolute()
         images, others = scan_folder(root)
         if not images:
@@ -419,7 +422,7 @@ class FolderSource(FileSource):
                              f"accepted extensions (any case): {' '.join(IMAGE_EXTENSIONS)}")
         super().__init__(images, kind="folder", where=str(root), min_pixels=min_pixels, max_pixels=max_pixels,
                          ignored_extension=sum(others.values()))
-        if others:
+        if others and not quiet:
             log.info("folder %s: %d images; ignored by extension: %s", root, len(images),
                      ", ".join(f"{n} {e}" for e, n in sorted(others.items())))
 
@@ -454,8 +457,10 @@ class SyntheticSource(ImageSource):
 
 
 def open_source(spec: str, *, min_pixels: int | None = None, max_pixels: int | None = None,
-                synthetic_count: int = 64, synthetic_size: int = 224, seed: int = 0) -> ImageSource:
-    """A source from `spec`: "" (synthetic figures), a folder, a .jsonl or a .csv listing."""
+                synthetic_count: int = 64, synthetic_size: int = 224, seed: int = 0,
+                quiet: bool = False) -> ImageSource:
+    """A source from `spec`: "" (synthetic figures), a folder, a .jsonl or a .csv listing (`quiet`: no log
+    line about ignored files, for a check that opens the source once before the run does)."""
     if not spec:
         return SyntheticSource(synthetic_count, seed, synthetic_size, min_pixels=min_pixels, max_pixels=max_pixels)
     path = Path(spec).expanduser()
@@ -463,10 +468,11 @@ def open_source(spec: str, *, min_pixels: int | None = None, max_pixels: int | N
         raise FileNotFoundError(f"image source {spec!r} does not exist (give a folder, a .jsonl or .csv "
                                 "listing, or an empty string for synthetic figures)")
     if path.is_dir():
-        return FolderSource(path, min_pixels=min_pixels, max_pixels=max_pixels)
+        return FolderSource(path, min_pixels=min_pixels, max_pixels=max_pixels, quiet=quiet)
     if path.suffix.lower() in (".jsonl", ".csv"):
         return ListingSource(path, min_pixels=min_pixels, max_pixels=max_pixels)
-    raise ValueError(f"image source {spec!r} is a file but not a .jsonl or .csv listing")
+    raise ValueError(f"image source {spec!r} is a file but not a .jsonl or .csv listing (give the folder that "
+                     f"holds the images, or a listing of their paths)")
 
 
 def shard_indices(order: list[int], rank: int, world_size: int) -> list[int]:
@@ -476,25 +482,11 @@ def shard_indices(order: list[int], rank: int, world_size: int) -> list[int]:
     return order[rank::world_size]
 
 
-def iter_epoch(source: ImageSource, *, epoch: int, seed: int, rank: int = 0, world_size: int = 1,
-               start: int = 0) -> Iterator[ImageItem]:
-    """This rank's items of one epoch in epoch order, bad entries skipped; `start` = items already yielded."""
-    if start < 0:
-        raise ValueError(f"start must be >= 0, got {start}")
-    passed = 0
-    for i in shard_indices(source.epoch_order(epoch, seed), rank, world_size):
-        if passed < start:
-            passed += source.is_ok(i)
-            continue
-        item = source.load(i)
-        if item is not None:
-            yield item
-
-
-def open_images(data_cfg, *, seed: int) -> ImageSource:
+def open_images(data_cfg, *, seed: int, quiet: bool = False) -> ImageSource:
     """The run's image source from its `[data]` config section."""
     return open_source(data_cfg.images, min_pixels=data_cfg.min_pixels, max_pixels=data_cfg.max_pixels,
-                       synthetic_count=data_cfg.synthetic_images, synthetic_size=data_cfg.synthetic_size, seed=seed)
+                       synthetic_count=data_cfg.synthetic_images, synthetic_size=data_cfg.synthetic_size, seed=seed,
+                       quiet=quiet)
 
 
 def step_items(source: ImageSource, *, seed: int, step: int, count: int, rank: int = 0,

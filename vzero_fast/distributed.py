@@ -34,7 +34,8 @@ Decisions:
 - Every rank must run the same number of forward and backward passes through a sharded model (each pass
   all-gathers): grpo.py pads a rank's micro-batches with zero-weight dummy passes up to the global maximum.
   `set_reduce_scatter_unused_params(True)` keeps the reduce-scatters matched when a group got no gradient on
-  some rank; `shard_model` gathers every group once so that all of them exist on every rank.
+  some rank; `shard_model` gathers every group once so that all of them exist on every rank. Torch 2.11 lacks
+  that method: there a training forward without an image raises (`_match_unused_reduce_scatters`).
 - Rollouts: each rank generates its own prompts. `gathered(model)` unshards every group once and turns
   reshard-after-forward off for the rollout phase, so decode steps communicate nothing (no per-token
   all-gather) and ranks may decode different numbers of steps; it reshards on exit.
@@ -49,16 +50,24 @@ Test: `pytest tests/test_distributed.py` (2 gloo ranks on CPU under torchrun).
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import gc
 import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
+
+if dist.is_available():
+    # Imported before any group exists: its functions take `group=group.WORLD` as a default, evaluated at import,
+    # so a later import (FSDP2/DTensor import it lazily) pins the default group forever (see _free_groups).
+    import torch.distributed.nn.functional  # noqa: F401
 
 from vzero_fast.config import ConfigError, DistConfig
 from vzero_fast.model import resolve_device
@@ -116,6 +125,8 @@ def init(cfg: DistConfig, device: str = "auto") -> World:
     if not dist.is_initialized():
         dist.init_process_group(backend, timeout=timedelta(seconds=cfg.timeout_s),
                                 device_id=dev if dev.type == "cuda" else None)
+    atexit.unregister(_release_at_exit)  # once, however often init runs
+    atexit.register(_release_at_exit)
     fsdp = cfg.fsdp == "on" or (cfg.fsdp == "auto" and world > 1)
     if cfg.cpu_offload and not fsdp:
         raise ConfigError("dist.cpu_offload: needs FSDP (one rank: --dist.fsdp on)")
@@ -125,8 +136,53 @@ def init(cfg: DistConfig, device: str = "auto") -> World:
 
 
 def shutdown() -> None:
+    """The clean end of a run; every rank calls it, best once the trainer is dropped (cli.py). A barrier
+    first, so that no rank tears its connections down while a peer is still in a collective; then the group
+    is destroyed and freed (`_free_groups`). `init` also registers `_release_at_exit`, which covers the
+    exit paths that never get here."""
     if dist.is_available() and dist.is_initialized():
+        if dist.get_world_size() > 1:
+            dist.barrier()
         dist.destroy_process_group()
+    _free_groups()
+
+
+def _release_at_exit() -> None:
+    """atexit (every exit path, while the interpreter is still whole). A group still initialized here means
+    `shutdown` was not reached (an error, or a program without it): no barrier, as peers may be gone or stuck;
+    destroyed on gloo only (an NCCL teardown can block on a failed peer). Then the groups are freed, and a
+    group whose threads survive that is reported (the abort below may follow)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_backend() == "gloo":
+        dist.destroy_process_group()
+    left = _free_groups()
+    if left:
+        log.warning("rank %s exits with c10d threads still running (%s): a sharded model or a process group is "
+                    "still referenced", os.environ.get("RANK", "?"), ", ".join(left))
+
+
+def _free_groups() -> list[str]:
+    """Free destroyed process groups now; returns the names of the gloo threads still running (Linux).
+
+    `destroy_process_group` only unregisters a group. Until 2026-11-30 the gloo group and its native threads
+    (2 workers, the TCP event loop) lived on into interpreter finalization and exit() on every rank, where a
+    C++ thread that still touches Python kills the process: SIGABRT, "terminate called without an active
+    exception" (Python 3.11 ends a thread that takes the GIL during finalization; pytorch#190489). Three
+    things held the group: the sharded models (FSDP2 keeps it), DTensor's sharding-propagation caches
+    (DTensorSpec -> DeviceMesh -> its group registry), and torch.distributed.nn.functional's default arguments
+    when imported after init (imported first above). Here the caches are cleared and, once nothing reachable
+    holds the models, one collection frees them and the group, whose destructor joins its threads (torch
+    releases the GIL for that)."""
+    with contextlib.suppress(ImportError, AttributeError):  # torch.distributed.tensor.debug: a debug helper
+        from torch.distributed.tensor.debug import _clear_sharding_prop_cache
+
+        _clear_sharding_prop_cache()
+    gc.collect()
+    names = []
+    with contextlib.suppress(OSError):
+        for tid in os.listdir("/proc/self/task"):
+            with contextlib.suppress(OSError):  # a thread may end between the two calls
+                names.append(Path(f"/proc/self/task/{tid}/comm").read_text().strip())
+    return [n for n in names if "gloo" in n]
 
 
 def is_distributed() -> bool:
@@ -238,8 +294,7 @@ def shard_model(model: torch.nn.Module, world: World) -> torch.nn.Module:
         m.set_gradient_divide_factor(1.0)  # SUM: the loss already divides by the global count
         if hasattr(m, "set_force_sum_reduction_for_comms"):
             m.set_force_sum_reduction_for_comms(True)  # gloo has no PREMUL_SUM; a factor of 1 needs no scaling
-    if hasattr(model, "set_reduce_scatter_unused_params"):
-        model.set_reduce_scatter_unused_params(True)
+    _match_unused_reduce_scatters(model, world)
     # Our forwards enter at base_model: gather the root group (embeddings, norm, merger, lm_head) first.
     base.register_forward_pre_hook(lambda module, args: model.unshard())
     # FSDP takes the first module it sees run forward as its root: make that the whole model.
@@ -254,6 +309,35 @@ def shard_model(model: torch.nn.Module, world: World) -> torch.nn.Module:
     log.info("FSDP2: %d units + root over %d ranks; mixed precision %s; CPU offload %s", len(units),
              world.world_size, param_dtype or "off", "on" if world.cfg.cpu_offload else "off")
     return model
+
+
+UNUSED_PARAMS_API = "set_reduce_scatter_unused_params"
+
+
+def _match_unused_reduce_scatters(model: torch.nn.Module, world: World) -> None:
+    """Keep every rank in every reduce-scatter when a parameter gets no gradient on some ranks.
+
+    Where FSDPModule has `set_reduce_scatter_unused_params` (torch 2.13 has it; 2.11 does not), such a
+    parameter contributes zeros. Without it, a rank whose backward gives a group no gradient skips that
+    group's reduce-scatter (an NCCL hang until dist.timeout_s) or sends a different set of gradients.
+    Here every training pass runs the vision tower (real micro-batches and the zero-weight dummy passes
+    both carry an image), which gives every parameter a gradient on every rank; so on such a torch a
+    training forward without an image raises at once instead of hanging the ranks later."""
+    if hasattr(model, UNUSED_PARAMS_API):
+        model.set_reduce_scatter_unused_params(True)
+        return
+    log.warning("torch %s: FSDPModule has no %s; every training pass must run the vision tower on every rank "
+                "(a training forward without an image raises)", torch.__version__, UNUSED_PARAMS_API)
+    if world.world_size > 1:
+        model.base_model.register_forward_pre_hook(_require_image_in_training_pass, with_kwargs=True)
+
+
+def _require_image_in_training_pass(module, args, kwargs) -> None:
+    if torch.is_grad_enabled() and kwargs.get("pixel_values") is None:
+        raise RuntimeError(f"a training forward without an image under FSDP2 on torch {torch.__version__}, which "
+                           f"lacks FSDPModule.{UNUSED_PARAMS_API}: the vision parameters would get gradients on "
+                           "some ranks only and the reduce-scatters would not match (a hang under NCCL). Give "
+                           "every prompt an image, or use a torch that has the method.")
 
 
 @contextlib.contextmanager

@@ -26,6 +26,9 @@ Decisions:
   on-policy (ratio 1, gradient of log p) and no extra forward runs.
 - The logprob_diff metric (sampler vs training forward, mean |diff| over response tokens) comes for
   free from the first mini-batch's forward, before any update.
+- The engine seam (vzero_fast/rollout.py): the engine sleeps from the end of the reward to the end of the updates,
+  and `engine.sync_weights(policy)` follows every optimizer step (a no-op for the native engine, which samples
+  with these very weights; an engine holding its own copy, such as vLLM, must receive each update).
 - Randomness is derived from (seed, role, step) counters, so a resumed run draws exactly what an
   uninterrupted one would (no generator state has to be saved).
 - Mini-batches split every group: sample j of each group goes to mini-batch j mod `mini_batches` (the
@@ -54,6 +57,7 @@ from vzero_fast.kernels import fused_linear_logprob, grpo_loss
 from vzero_fast.kernels.grpo_loss import METRICS as LOSS_METRICS
 from vzero_fast.metrics import StageTimer
 from vzero_fast.model import Policy, forward_hidden
+from vzero_fast.optim import RoleOptimizer
 from vzero_fast.rollout import Request, RolloutEngine, RolloutOutput
 
 log = logging.getLogger("vzero_fast.grpo")
@@ -240,24 +244,18 @@ class Role:
     policy: Policy
     cfg: RoleConfig
     engine: RolloutEngine
-    optimizer: torch.optim.Optimizer = field(init=False)
+    master_weights: bool = True
+    """fp32 master weights under AdamW when the model's weights are bf16/fp16 (vzero_fast/optim.py)."""
+    optimizer: RoleOptimizer = field(init=False)
     reference: torch.nn.Module | None = field(default=None, init=False)
     step: int = 0
     skipped_steps: int = 0
     _dummy: MicroBatch | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        params = [p for p in self.policy.model.parameters() if p.requires_grad]
-        # foreach=False keeps CPU optimizer steps bit-identical between runs of different batching.
-        self.optimizer = torch.optim.AdamW(params, lr=self.cfg.lr, betas=tuple(self.cfg.betas),
-                                           weight_decay=self.cfg.weight_decay, foreach=False)
-        low = [p for p in params if p.dtype in (torch.bfloat16, torch.float16)]
-        if low and not dist.is_sharded(self.policy.model):
-            # AdamW on bf16 weights rounds away updates below ~1/256 of a weight: at lr 1e-6 most of them
-            # (measured: 10 steps changed 2% of the weights). FSDP2's mixed precision keeps fp32 masters.
-            log.warning("%s trains %s weights without fp32 master weights: small updates are lost. Use "
-                        "--model.dtype float32, or torchrun with --dist.fsdp on (fp32 masters, bf16 compute; "
-                        "also for one GPU)", self.name, low[0].dtype)
+        self.optimizer = RoleOptimizer(self.policy.model, lr=self.cfg.lr, betas=tuple(self.cfg.betas),
+                                       weight_decay=self.cfg.weight_decay, master_weights=self.master_weights,
+                                       name=self.name)
 
     def freeze_reference(self) -> None:
         """Freeze a copy of the current weights as the KL reference (the trainer instead loads the
@@ -271,32 +269,24 @@ class Role:
         self.reference = ref
 
     def offload_optimizer(self) -> None:
-        """Move AdamW state to the CPU while another role trains."""
-        self._move_optimizer(torch.device("cpu"))
+        """Move AdamW state (and fp32 masters) to the CPU while another role trains."""
+        self.optimizer.move(torch.device("cpu"))
 
     def onload_optimizer(self) -> None:
-        self._move_optimizer(self.policy.device)
-
-    def _move_optimizer(self, device: torch.device) -> None:
-        if dist.is_sharded(self.policy.model):
-            return  # sharded state is 1/world of it already; dist.cpu_offload keeps it in CPU memory instead
-        for state in self.optimizer.state.values():
-            for k, v in state.items():
-                if isinstance(v, torch.Tensor) and k != "step":
-                    state[k] = v.to(device, non_blocking=True)
+        self.optimizer.move(self.policy.device)
 
     # ----------------------------------------------------------------------------------- the GRPO step
 
-    def grpo_step(self, requests: list[Request], reward_fn: RewardFn, *, timer: StageTimer,
-                  drop_zero_variance: bool = False) -> dict:
-        """One rollout batch -> `mini_batches` optimizer steps. Returns device-tensor metrics (global)."""
+    def grpo_step(self, requests: list[Request], reward_fn: RewardFn, *, timer: StageTimer) -> dict:
+        """One rollout batch -> `mini_batches` optimizer steps. Returns device-tensor metrics (global). The engine
+        sleeps while the role trains; every optimizer step is followed by `engine.sync_weights`."""
         cfg = self.cfg
         with timer("rollout"):
             outputs = self.engine.generate(requests)
         with timer("reward"):
             rewards = reward_fn(outputs).to(torch.float32)  # [G, n]
         adv = group_advantages(rewards, kind=cfg.advantage)
-        keep = keep_groups(rewards, drop_zero_variance=drop_zero_variance)
+        keep = keep_groups(rewards, drop_zero_variance=cfg.drop_zero_variance)
         kept = [o for o, k in zip(outputs, keep.tolist(), strict=True) if k]
         r = rewards.detach().double().reshape(-1).cpu()  # [G * n]
         lengths = torch.tensor([len(s.token_ids) for o in outputs for s in o.samples], dtype=torch.float64)
@@ -315,7 +305,11 @@ class Role:
         }
         if n_kept > 0:  # every rank trains (possibly on no local group: FSDP passes are collective)
             batch = SampleBatch.from_outputs(kept, adv[keep])
-            metrics.update(self.train_on(batch, timer=timer))
+            self.engine.sleep()  # the updates get the device memory the engine held
+            try:
+                metrics.update(self.train_on(batch, timer=timer))
+            finally:
+                self.engine.wake()
         self.step += 1
         return metrics
 
@@ -392,19 +386,19 @@ class Role:
         totals = dict(zip(keys, dist.all_reduce(torch.stack([totals[k] for k in keys])).unbind(0), strict=True))
         model = self.policy.model
         dist.reshard(model)
-        params = [p for p in model.parameters() if p.requires_grad]
-        grad_norm = dist.clip_grad_norm_(params, max_norm=self.cfg.grad_clip or math.inf)  # global under FSDP
+        grad_norm = dist.clip_grad_norm_(self.optimizer.params, max_norm=self.cfg.grad_clip or math.inf)  # global under FSDP
         # One host sync per optimizer step: a non-finite loss or gradient must never reach the weights (the
         # loss and the norm are global, so every rank takes the same branch).
         if bool(torch.isfinite(grad_norm) & torch.isfinite(totals["loss"])):
             self.optimizer.step()
+            self.engine.sync_weights(self.policy)  # the next rollout samples from the updated weights
             totals["skipped"] = torch.zeros((), device=self.policy.device)
         else:
             log.warning("%s step %d: non-finite loss or gradient (loss=%s, grad_norm=%s); update skipped",
                         self.name, self.step, totals["loss"].item(), grad_norm.item())
             self.skipped_steps += 1
             totals["skipped"] = torch.ones((), device=self.policy.device)
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad()
         totals["grad_norm"] = grad_norm.detach()
         return totals
 
@@ -421,7 +415,7 @@ class Role:
         if divisor is None:
             divisor = float(len(mini)) if seq_agg else float(max(batch.response_tokens(mini), 1))
         denom = max(batch.response_tokens(mini) if total_tokens is None else total_tokens, 1)
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad()
         dev = policy.device
         totals: dict[str, torch.Tensor] = {k: torch.zeros((), device=dev) for k in
                                            ("loss", "entropy", "tokens", "logprob_abs_diff", *LOSS_METRICS)}
@@ -433,7 +427,7 @@ class Role:
             logp, ent = token_logprobs(policy, policy.lm_head_weight, mb, cfg.temperature, return_entropy=True)
             old = batch.old_logprobs[mb.rows] if batch.old_logprobs is not None else None
             ref = batch.ref_logprobs[mb.rows] if batch.ref_logprobs is not None else None
-            loss, m = grpo_loss(logp, batch.advantages[mb.rows].to(dev), mb.mask, old_logprobs=old,
+            loss, m = grpo_loss(logp, batch.advantages.to(dev)[mb.rows], mb.mask, old_logprobs=old,
                                 ref_logprobs=ref, clip_low=cfg.clip_low, clip_high=cfg.clip_high,
                                 clip_c=cfg.clip_c or None, kl_coef=cfg.kl_coef if ref is not None else 0.0,
                                 kl_type=cfg.kl_type, loss_agg=cfg.loss_agg, agg_norm=agg_norm,

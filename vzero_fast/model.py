@@ -330,8 +330,9 @@ class Policy:
 
 
 def load_policy(path: str | Path, *, dtype: str | torch.dtype = "auto", attn_implementation: str = "auto",
-                device: str | torch.device = "auto") -> Policy:
-    """Load a Qwen2.5-VL checkpoint directory as a Policy (eval mode; callers switch to train())."""
+                device: str | torch.device = "auto", name: str = "") -> Policy:
+    """Load a Qwen2.5-VL checkpoint directory as a Policy (eval mode; callers switch to train()); `name` says
+    in the log line what it is loaded as (a role, a KL reference, ...)."""
     from transformers import GenerationConfig, Qwen2_5_VLForConditionalGeneration
 
     path = check_model_dir(path)
@@ -346,8 +347,8 @@ def load_policy(path: str | Path, *, dtype: str | torch.dtype = "auto", attn_imp
                                                pad_token_id=processor.tokenizer.pad_token_id)
     policy = Policy(model=model, processor=processor, device=device, dtype=torch_dtype, attn_implementation=attn,
                     path=path)
-    log.info("loaded %s: %.1fM parameters, dtype %s, device %s, attention %s (checkpoint generation "
-             "defaults ignored)", path, policy.num_parameters / 1e6, str(torch_dtype).removeprefix("torch."),
+    log.info("loaded %s%s: %.1fM parameters, dtype %s, device %s, attention %s (checkpoint generation "
+             "defaults ignored)", f"{name} from " if name else "", path, policy.num_parameters / 1e6, str(torch_dtype).removeprefix("torch."),
              device, attn)
     return policy
 

@@ -38,10 +38,13 @@ Decisions:
   that have stop strings and still run decode their last (longest stop + 8) tokens and search them.
 - Batches are bounded by `max_batch_tokens` >= (longest prompt + longest max_new_tokens) * R, the KV
   cache's size in tokens (Qwen2.5-VL-7B: 28 layers x 2 x 4 kv heads x 128 x 2 B = 57 KiB per token, so
-  65536 tokens = 3.7 GiB). Requests keep their order; one request always fits alone.
+  65536 tokens = 3.5 GiB). Requests keep their order; one request always fits alone.
 - Under FSDP2 (vzero_fast/distributed.py) `generate` gathers the whole model once per call (`gathered`) and
   decodes with no communication; the gather is collective, so every rank calls `generate` equally often
   (an empty request list included).
+- The KV cache is passed as `cache=` where the model's forward has that argument (transformers >= 5.24
+  renamed `past_key_values`, which now warns until its removal in 5.40) and as `past_key_values=` before
+  (5.17-5.23 would swallow an unknown `cache=` into **kwargs and silently decode without a cache).
 - The KV cache is a transformers DynamicCache (grows by concatenation: O(length^2) copying; a static
   cache is future work). Nothing is held between calls, so `sleep` only returns cached allocator blocks.
 
@@ -51,6 +54,8 @@ Test: `pytest tests/test_rollout.py` (tiny random Qwen2.5-VL on CPU: ~10 s on 2 
 from __future__ import annotations
 
 import abc
+import functools
+import inspect
 import logging
 import time
 from dataclasses import dataclass, field
@@ -225,25 +230,33 @@ class RolloutEngine(abc.ABC):
 
     @abc.abstractmethod
     def sync_weights(self, policy) -> None:
-        """Make the next `generate` sample from `policy`'s current parameters."""
+        """Make the next `generate` sample from `policy`'s current parameters. The trainer calls it after every
+        optimizer step (grpo.Role) and after a resume loads weights (Trainer); a step's calls come while the
+        engine sleeps, so an engine that cannot take weights then must keep them until `wake`."""
 
     @abc.abstractmethod
     def sleep(self) -> None:
-        """Release what the engine holds on the device between rollouts (e.g. while training)."""
+        """Release what the engine holds on the device while its role trains (grpo.Role.grpo_step calls it
+        after the rollout and the reward, before the updates)."""
 
     @abc.abstractmethod
     def wake(self) -> None:
-        """Re-acquire what `sleep` released."""
+        """Re-acquire what `sleep` released (called after the updates, before the next rollout)."""
+
+
+ENGINES: dict[str, Any] = {}
+"""Backends besides the built-in native one: name -> factory(policy, **kwargs) -> RolloutEngine. A backend module
+adds itself here (the vLLM backend; tests' probes) and runs are pointed at it with train.rollout_backend."""
 
 
 def make_engine(policy, backend: str = "native", **kwargs) -> RolloutEngine:
-    """The one place a rollout backend is chosen; logs which one runs."""
-    if backend == "native":
-        engine = NativeEngine(policy, **kwargs)
-    elif backend == "vllm":
+    """The one place a rollout backend is chosen (the trainer passes train.rollout_backend); logs which runs."""
+    factories = {"native": NativeEngine, **ENGINES}
+    if backend == "vllm" and backend not in factories:
         raise NotImplementedError("the vLLM rollout backend is not implemented yet (a later issue); use backend='native'")
-    else:
-        raise ValueError(f"unknown rollout backend {backend!r}; expected 'native' or 'vllm'")
+    if backend not in factories:
+        raise ValueError(f"unknown rollout backend {backend!r}; expected one of {sorted({*factories, 'vllm'})}")
+    engine = factories[backend](policy, **kwargs)
     log.info("rollout backend: %s", engine.name)
     return engine
 
@@ -462,7 +475,7 @@ class NativeEngine(RolloutEngine):
         finally:
             model.train(was_training)
         stats.seconds = time.perf_counter() - start
-        log.info("native rollout: %d requests, %d sequences in %d batches; %d prompt + %d generated tokens in "
+        log.debug("native rollout: %d requests, %d sequences in %d batches; %d prompt + %d generated tokens in "
                  "%.2f s (prefill %.2f s, decode %.2f s, %d steps): %.1f generated tokens/s",
                  stats.requests, stats.sequences, stats.batches, stats.prompt_tokens, stats.generated_tokens,
                  stats.seconds, stats.prefill_seconds, stats.decode_seconds, stats.decode_steps,
@@ -525,9 +538,10 @@ class NativeEngine(RolloutEngine):
         pos, _ = model.base_model.get_rope_index(ids, mm, image_grid_thw=grid, attention_mask=mask)  # [3, B, T]
         next_pos = pos.amax(dim=(0, 2)) + 1  # [B]: M-RoPE position of the first response token
         cache = DynamicCache(config=model.config)
+        kv = {_cache_kwarg(type(model.base_model)): cache}
         out = model.base_model(input_ids=ids, attention_mask=mask, position_ids=pos,
                                pixel_values=pixels.to(dev) if pixels is not None else None, image_grid_thw=grid,
-                               past_key_values=cache, use_cache=True)
+                               use_cache=True, **kv)
         hidden = out.last_hidden_state[:, -1][row]  # [R, H]: left padding puts every prompt's end last
         cache.reorder_cache(row)  # [B, ...] -> [R, ...]: the n samples share the prompt's cache
         seen = None
@@ -610,7 +624,7 @@ class NativeEngine(RolloutEngine):
             # One decode step for the active rows: text position continues after the prompt on all 3 axes.
             out = model.base_model(input_ids=tok[:, None], attention_mask=full_mask[:, : T + t + 1],
                                    position_ids=(step_pos + t).view(1, -1, 1).expand(3, -1, 1),
-                                   past_key_values=cache, use_cache=True)
+                                   use_cache=True, **kv)
             hidden = out.last_hidden_state[:, -1]  # [A, H]
         _sync(dev)
         stats.decode_seconds += time.perf_counter() - t1
@@ -621,6 +635,12 @@ class NativeEngine(RolloutEngine):
         lengths_host = lengths.tolist()
         stats.generated_tokens += sum(lengths_host)
         return tokens.cpu(), logps.cpu(), lengths_host, finish.tolist(), cut
+
+
+@functools.cache
+def _cache_kwarg(model_type: type) -> str:
+    """The name under which `model_type.forward` takes the KV cache (see the module docstring)."""
+    return "cache" if "cache" in inspect.signature(model_type.forward).parameters else "past_key_values"
 
 
 def _first_stop(text: str, stops: tuple[str, ...]) -> int:

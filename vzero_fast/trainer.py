@@ -23,7 +23,10 @@ Decisions:
 
 from __future__ import annotations
 
+import json
 import logging
+import shutil
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -32,12 +35,12 @@ import numpy as np
 import torch
 
 from vzero_fast import distributed as dist
-from vzero_fast.checkpoint import CheckpointManager, StopFlag, load_weights_into
+from vzero_fast.checkpoint import CheckpointManager, StopFlag, kill_point, load_weights_into
 from vzero_fast.config import Config, RoleConfig, save_config
 from vzero_fast.grpo import Role
-from vzero_fast.metrics import MetricsWriter, StageTimer, progress, truncate_metrics
+from vzero_fast.metrics import MetricsWriter, StageTimer, progress, read_metrics, truncate_metrics
 from vzero_fast.model import Policy, load_policy
-from vzero_fast.rollout import NativeEngine
+from vzero_fast.rollout import make_engine
 
 log = logging.getLogger("vzero_fast.trainer")
 
@@ -54,11 +57,13 @@ def step_seed(*keys: int | str) -> int:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, *, resume: bool = False):
+    def __init__(self, cfg: Config, *, resume: bool = False, overwrite: bool = False,
+                 started: float | None = None):
+        self.started = time.perf_counter() if started is None else started  # wall-clock includes set-up
         self.cfg = cfg
         self.world = dist.init(cfg.dist, cfg.train.device)
         self.run_dir = Path(cfg.train.out)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._claim_run_dir(resume=resume, overwrite=overwrite)
         self.device = self.world.device
         torch.manual_seed(cfg.train.seed)
         if cfg.train.cpu_threads:  # see TrainConfig.cpu_threads (tiny models on shared CPUs)
@@ -78,6 +83,27 @@ class Trainer:
         self.stop = StopFlag()
         self.writer: MetricsWriter | None = None
         self._bar = None
+        self._stage_name, self._stage_total = "", None
+        self.summary: dict[str, Any] = {}
+
+    def _claim_run_dir(self, *, resume: bool, overwrite: bool) -> None:
+        """A new run needs an empty (or new) run directory: one that holds anything is continued (--resume)
+        or replaced (--overwrite), never silently mixed with a new run. Rank 0 decides and deletes."""
+        busy = dist.broadcast_object(self.run_dir.is_dir() and any(self.run_dir.iterdir()))
+        if busy and not resume:
+            if not overwrite:
+                raise FileExistsError(f"--out {self.run_dir} is not empty: continue that run with --resume, or "
+                                      f"replace it with --overwrite")
+            inputs = [Path(p).resolve() for p in (self.cfg.model.path, self.cfg.data.images) if p]
+            inside = [str(p) for p in inputs if p.is_relative_to(self.run_dir.resolve())]
+            if inside:
+                raise FileExistsError(f"--overwrite would delete {inside[0]}, an input of this run inside --out "
+                                      f"{self.run_dir}: copy it elsewhere first")
+            if self.world.is_main:
+                log.warning("--overwrite: deleting the previous run in %s", self.run_dir)
+                shutil.rmtree(self.run_dir)
+            dist.barrier()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
 
     def _model_path(self) -> Path:
         if self.cfg.model.path:
@@ -94,15 +120,18 @@ class Trainer:
     # ------------------------------------------------------------------------------------------ roles
 
     def load_policy(self, weights_from: str | Path | None = None, *, trainable: bool = True,
-                    shard: bool = True) -> Policy:
+                    shard: bool = True, name: str = "") -> Policy:
         """The base model (with the weights of `weights_from` when given), FSDP2-sharded under torchrun
         (unless `shard` is False: a plain copy on this rank alone, e.g. for rank 0's one-off work)."""
         m = self.cfg.model
         compute = dist.mixed_precision_dtype(self.world)
-        # Mixed precision keeps fp32 master weights (AdamW updates them) and computes in `compute`.
-        dtype = "float32" if compute is not None and m.dtype == "auto" else m.dtype
+        # FSDP2's mixed precision keeps fp32 sharded weights (AdamW updates them) and computes in `compute`;
+        # a plain process keeps fp32 masters beside low-precision weights instead (vzero_fast/optim.py).
+        dtype = m.dtype
+        if compute is not None and trainable and (m.dtype == "auto" or (m.master_weights and m.dtype != "float32")):
+            dtype = "float32"
         policy = load_policy(self.model_path, dtype=dtype, attn_implementation=m.attn_implementation,
-                             device=str(self.device))
+                             device=str(self.device), name=name)
         if weights_from is not None and str(weights_from) != str(self.model_path):
             load_weights_into(policy.model, weights_from)
         for p in policy.model.parameters():
@@ -116,8 +145,9 @@ class Trainer:
         return policy
 
     def add_role(self, name: str, role_cfg: RoleConfig) -> Role:
-        policy = self.load_policy()
-        role = Role(name=name, policy=policy, cfg=role_cfg, engine=NativeEngine(policy))
+        policy = self.load_policy(name=name)
+        engine = make_engine(policy, self.cfg.train.rollout_backend)  # the one place engines come from
+        role = Role(name=name, policy=policy, cfg=role_cfg, engine=engine, master_weights=self.cfg.model.master_weights)
         self.roles[name] = role
         return role
 
@@ -133,46 +163,106 @@ class Trainer:
         needed = {src} | {str(self.stage_start_dir(r, iteration)) for r in self.roles if r != role.name}
         self._refs = {k: v for k, v in self._refs.items() if k in needed}  # free stale references
         if src not in self._refs:
-            self._refs[src] = self.load_policy(src, trainable=False).model.eval()
+            what = f"the KL reference of {role.name}" + ("" if src == str(self.model_path) else f" ({Path(src).name})")
+            self._refs[src] = self.load_policy(src, trainable=False, name=what).model.eval()
         role.reference = self._refs[src]
 
     # ------------------------------------------------------------------------------------------- loop
 
     def run(self, recipe) -> dict[str, Any]:
-        """Run every iteration and stage of `recipe`, resuming from the last checkpoint when asked."""
+        """Run every iteration and stage of `recipe`, resuming from the last checkpoint when asked. The state
+        returned has `stopped` = the signal's name when a signal ended the run early (None otherwise)."""
         if self.resume:
-            self.state = self.ckpt.restore(self.roles)
-            if self.world.is_main:
-                truncate_metrics(self.run_dir / "metrics.jsonl", self.state["metrics_lines"])
+            self._restore()
         self.writer = MetricsWriter(self.run_dir / "metrics.jsonl" if self.world.is_main else None)
-        start = time.perf_counter()
+        self.state["stopped"] = None
         try:
             with self.stop:
                 for it in range(self.state["iteration"], self.cfg.train.iterations + 1):
                     stages = recipe.stages(it)
                     for si in range(self.state["stage"] if it == self.state["iteration"] else 0, len(stages)):
                         name = stages[si]
+                        self._stage_name = name
                         self.state.update(iteration=it, stage=si)
                         role = self.roles[name]
                         self.set_reference(role, it)
                         for other in self.roles.values():
                             (other.onload_optimizer if other is role else other.offload_optimizer)()
-                        # One bar per stage on a terminal (rank 0): steps, rate, the last step's reward/time.
-                        self._bar = progress(desc=f"iter {it} {name}", disable=None if self.world.is_main else True)
+                        self._stage_total = None  # the recipe says it (stage_total) once it knows
                         try:
                             recipe.run_stage(self, it, name, start_step=self.state["stage_step"])
                         finally:
-                            self._bar.close()
+                            if self._bar is not None:
+                                self._bar.close()
+                                self._bar = None
                         self.ckpt.save_role(role, tag=f"iter-{it}")
-                        self.state.update(stage=si + 1, stage_step=0)
-                    self.state.update(iteration=it + 1, stage=0)
-                self.save()
+                        last = si + 1 == len(stages)
+                        self.state.update(iteration=it + 1 if last else it, stage=0 if last else si + 1,
+                                          stage_step=0)
+                        self.save()  # every stage end is a resume point, whatever save_every says
+                        kill_point("stage_end")
         except Stopped:
-            log.warning("stopped; continue with --resume (checkpoint in %s)", self.ckpt.root)
+            self.state["stopped"] = signal.Signals(self.stop.signum).name
+            log.warning("stopped by %s after step %d; checkpoint in %s", self.state["stopped"],
+                        self.state["global_step"], self.ckpt.root)
         finally:
             self.writer.close()
-        self.state["wall_s"] = time.perf_counter() - start
-        return self.state
+        self.state["wall_s"] = time.perf_counter() - self.started
+        self.summary = self._summary(recipe)
+        return dict(self.state)
+
+    def stage_total(self, total: int) -> None:
+        """Recipes call this once the current stage's step count is known: the progress bar's total (rank 0,
+        on a terminal; resume-aware: it starts at the steps already done) and the step lines' "k/total"."""
+        self._stage_total = total
+        if self._bar is not None:
+            self._bar.close()
+        self._bar = progress(total=total, initial=self.state["stage_step"],
+                             desc=f"iter {self.state['iteration']} {self._stage_name}",
+                             disable=None if self.world.is_main else True)
+
+    def _summary(self, recipe) -> dict[str, Any]:
+        """The end-of-run record (also after a stop): `run_summary.json` beside the metrics (rank 0)."""
+        rows = read_metrics(self.run_dir / "metrics.jsonl") if self.world.is_main else []
+        steps: dict[str, int] = {}
+        for r in rows:
+            steps[r["role"]] = steps.get(r["role"], 0) + 1
+        source = getattr(recipe, "source", None)
+        images = None
+        if source is not None:
+            stats = source.stats.as_dict()
+            reasons = {k: v for k, v in stats.items() if k not in ("loaded", "skipped", "ignored_extension") and v}
+            images = {"source": f"{source.kind} {source.where}", "candidates": len(source),
+                      "loaded": stats["loaded"], "skipped": stats["skipped"], "skipped_by_reason": reasons,
+                      "not_read": len(source) - stats["loaded"] - stats["skipped"],
+                      "ignored_by_extension": stats["ignored_extension"]}
+        latest = self.ckpt.latest() if self.world.is_main else None
+        stopped = self.state.get("stopped")
+        summary = {
+            "status": f"stopped by {stopped}" if stopped else "finished",
+            "wall_s": round(self.state["wall_s"], 2),
+            "steps": steps, "global_step": self.state["global_step"],
+            "images": images,  # counted in this process (a resumed run counts what it read itself)
+            "checkpoints_written": [str(p) for p in self.ckpt.written],
+            "latest_checkpoint": latest["trainer_state"] if latest else None,
+            "resume_command": f"vzero-fast train --resume --out {self.run_dir}" if stopped else None,
+        }
+        if self.world.is_main:
+            (self.run_dir / "run_summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+        return summary
+
+    def _restore(self) -> None:
+        """Load the newest complete checkpoint; without one (a crash before the first stage ended) the run
+        starts again from the beginning, which draws exactly what the lost part drew."""
+        if dist.broadcast_object(self.ckpt.latest() is not None):
+            self.state = self.ckpt.restore(self.roles)
+            for role in self.roles.values():  # the engines sample from the restored weights
+                role.engine.sync_weights(role.policy)
+        else:
+            log.warning("--resume: no complete checkpoint in %s yet; starting the run from its beginning",
+                        self.ckpt.root)
+        if self.world.is_main:
+            truncate_metrics(self.run_dir / "metrics.jsonl", self.state["metrics_lines"])
 
     def step_done(self, role: Role, metrics: dict[str, Any]) -> dict[str, Any]:
         """Write one step's metrics; save every `save_every` steps; stop cleanly after a signal."""
@@ -184,12 +274,18 @@ class Trainer:
         self.state["metrics_lines"] += 1
         if self._bar is not None:
             self._bar.update(1)
-            self._bar.set_postfix(reward=f"{row.get('reward_mean') or 0:.3f}", loss=f"{row.get('loss') or 0:.4f}",
-                                  step_s=f"{row.get('time_total') or 0:.1f}")
+        total = self._stage_total
+        # One line per step, terminal or not (a cluster job's log has no bar); a terminal's bar stays below.
+        log.info("%s iter %d step %d/%s: reward %s, loss %s, kl %s, %s s, %s tok/s", role.name,
+                 self.state["iteration"], self.state["stage_step"], total if total is not None else "?",
+                 _fmt(row.get("reward_mean"), ".3f"), _fmt(row.get("loss"), ".4f"), _fmt(row.get("kl"), ".2e"),
+                 _fmt(row.get("time_total"), ".1f"), _fmt(row.get("rollout_tokens_per_s"), ".0f"))
         dist.die_for_test(self.state["global_step"])
+        kill_point("step")
         # A signal may reach the ranks during different steps: stop when any rank has seen one.
-        if dist.is_distributed():
-            self.stop.requested = bool(dist.all_reduce(torch.tensor(float(self.stop.requested)), "max") > 0)
+        if dist.is_distributed():  # the signal's number, 0 where none arrived (SIGTERM wins over SIGINT)
+            signum = int(dist.all_reduce(torch.tensor(float(self.stop.signum or 0)), "max"))
+            self.stop.requested, self.stop.signum = signum > 0, signum or None
         every = self.cfg.train.save_every
         if (every and self.state["global_step"] % every == 0) or self.stop.requested:
             self.save()
@@ -200,3 +296,7 @@ class Trainer:
     def save(self) -> Path:
         with self.timer("checkpoint"):
             return self.ckpt.save(self.roles, dict(self.state))
+
+
+def _fmt(value: Any, spec: str) -> str:
+    return "-" if value is None else format(value, spec)

@@ -92,6 +92,7 @@ class ToyRecipe:
         return torch.isin(first, self.targets).to(torch.float32)
 
     def run_stage(self, trainer: Trainer, iteration: int, role_name: str, *, start_step: int) -> None:  # noqa: ARG002
+        trainer.stage_total(self.steps_per_stage())
         for step in range(start_step, self.steps_per_stage()):
             requests = self.requests(iteration, step)
             if self.targets is None:  # from the whole step (every rank computes the same targets)

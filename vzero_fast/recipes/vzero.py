@@ -13,7 +13,7 @@ Solver on questions of the new Questioner, pseudo-labelled by the Solver before 
 
 Decisions:
 - One process, one device set: the Solver that scores the Questioner is the in-memory `solver` role, sampled
-  through its own NativeEngine under inference mode. It has not trained yet in iteration k, so it *is* the
+  through its own rollout engine under inference mode. It has not trained yet in iteration k, so it *is* the
   frozen Solver k-1; nothing is written, served or reloaded between stages (the reference code ran an HTTP
   vLLM server, base64 images in JSON files, engine restarts and checkpoint merges).
 - Under torchrun (vzero_fast/distributed.py) each rank takes its share of a Questioner step's images (and
@@ -80,12 +80,13 @@ import torch
 
 from vzero_fast import distributed as dist
 from vzero_fast.answers import LETTERS, Question, extract_choice, parse_question
-from vzero_fast.config import Config, VZeroConfig
+from vzero_fast.config import Config, ConfigError, VZeroConfig, to_dict
 from vzero_fast.data import ImageItem, ImageSource, open_images, shard_indices, step_items
 from vzero_fast.grpo import SampleBatch, collate, keep_groups, pack_micro_batches, token_logprobs
 from vzero_fast.kernels import vote_count
+from vzero_fast.metrics import progress
 from vzero_fast.model import Policy
-from vzero_fast.rollout import NativeEngine, Request, RolloutOutput, SamplingParams, render_messages
+from vzero_fast.rollout import Request, RolloutOutput, SamplingParams, make_engine, render_messages
 from vzero_fast.trainer import Trainer, step_seed
 
 log = logging.getLogger("vzero_fast.recipes.vzero")
@@ -147,20 +148,6 @@ def in_band(share: torch.Tensor, low: float, high: float) -> torch.Tensor:
     return keep_groups(share[:, None], share=share, band=(low, high))
 
 
-def questioner_reward(a_fast: str | None, solver_answers: Sequence[str | None]) -> float:
-    """One question's dual-track reward. a_fast: the parsed intuitive letter (None = invalid output);
-    solver_answers: the Solver's extracted letters, None where it gave no usable \\boxed{}."""
-    fast = torch.tensor([LETTERS.index(a_fast) if a_fast in LETTERS else -1])
-    ids = torch.tensor([[LETTERS.index(a) if a in LETTERS else NONE_ID for a in solver_answers]])
-    return float(dual_track_rewards(fast, ids)[0][0])
-
-
-def solver_pseudo_label(answers: Sequence[str | None]) -> tuple[str | None, float]:
-    """(majority letter over the A-D answers or None, its count / len(answers))."""
-    label, share = pseudo_labels(torch.tensor([[LETTERS.index(a) if a in LETTERS else -1 for a in answers]]))
-    return (LETTERS[int(label[0])] if label[0] >= 0 else None), float(share[0])
-
-
 # ---------------------------------------------------------------------------------------- the recipe
 
 class VZeroRecipe:
@@ -207,6 +194,7 @@ class VZeroRecipe:
 
     def _questioner_stage(self, trainer: Trainer, iteration: int, start_step: int) -> None:
         qc, steps = self.cfg.questioner, self.questioner_steps()
+        trainer.stage_total(steps)
         for step in range(start_step, steps):
             world = trainer.world  # this rank's images; a rank keeps all n samples of each of its images
             items = step_items(self.source, seed=self.seed, step=(iteration - 1) * steps + step,
@@ -363,6 +351,7 @@ class VZeroRecipe:
         log.info("iteration %d: %d questions, %d valid, %d kept in [%.2f, %.2f] -> %s", iteration, len(rows),
                  len(valid), len(kept), self.cfg.vzero.band_low, self.cfg.vzero.band_high, path)
         steps = self.solver_steps(len(kept))
+        trainer.stage_total(steps)
         if steps == 0:
             log.warning("iteration %d: no question in the difficulty band; the Solver does not train", iteration)
         world = trainer.world
@@ -475,7 +464,7 @@ def format_warmup(policy: Policy, source: ImageSource, cfg: Config, *, seed: int
     budget = max(cfg.questioner.micro_batch_tokens, cfg.solver.micro_batch_tokens)
     losses = []
     model.train()
-    for _ in range(vz.format_warmup_steps):
+    for _ in progress(range(vz.format_warmup_steps), desc="format warm-up"):
         examples = []
         for k in range(vz.format_warmup_batch):
             item = source.load(int(rng.integers(len(source))))
@@ -514,7 +503,7 @@ def format_warmup(policy: Policy, source: ImageSource, cfg: Config, *, seed: int
 def parse_rates(policy: Policy, source: ImageSource, cfg: Config, *, seed: int, images: int = 8,
                 n: int = 4) -> dict[str, float]:
     """Share of sampled outputs that meet each role's format, with the run's sampling settings."""
-    engine = NativeEngine(policy)
+    engine = make_engine(policy, cfg.train.rollout_backend)
     items = [it for i in range(min(images, len(source))) if (it := source.load(i)) is not None]
     qc, vz = cfg.questioner, cfg.vzero
     rng = np.random.default_rng([seed, 13])
@@ -533,26 +522,49 @@ def parse_rates(policy: Policy, source: ImageSource, cfg: Config, *, seed: int, 
             "solver_parse_rate": sum(s_ok) / max(len(s_ok), 1), "probe_samples": len(q_ok)}
 
 
+def warmup_made_with(cfg: Config) -> dict[str, Any]:
+    """What decides a format warm-up's weights: the base model, the images, the seed and the warm-up's own
+    settings. A warm-up found on disk is reused only when this matches."""
+    model = cfg.model.path or f"tiny (seed {cfg.model.tiny_seed})"
+    return {"model": model, "dtype": cfg.model.dtype, "seed": cfg.train.seed, "data": to_dict(cfg.data),
+            **{k: v for k, v in to_dict(cfg.vzero).items() if k.startswith("format_warmup")},
+            "micro_batch_tokens": max(cfg.questioner.micro_batch_tokens, cfg.solver.micro_batch_tokens)}
+
+
 def ensure_format_warmup(trainer: Trainer, source: ImageSource, *, poll_s: float = 0.5) -> Path:
     """The run's warmed-up base model directory, built once (`<run>/format-warmup`); returns its path.
 
+    `format_warmup.json` is written after the directory and records the settings that made it
+    (`warmup_made_with`): a directory without it is an interrupted warm-up and is made again; one made with
+    other settings is an error rather than a silent reuse.
+
     Under torchrun rank 0 alone warms up a plain (unsharded) copy, before any model is sharded, and writes
-    the directory (atomically); the other ranks wait for it by polling the file system (a warm-up may last
-    longer than dist.timeout_s, which bounds a barrier), then all meet at a barrier and load from it."""
-    out = trainer.run_dir / "format-warmup"
-    if dist.broadcast_object((out / "config.json").exists()):  # rank 0's view: every rank takes one branch
+    the directory (atomically); the other ranks wait for the report file by polling the file system (a warm-up
+    may last longer than dist.timeout_s, which bounds a barrier), then all meet at a barrier and load from it."""
+    out, report = trainer.run_dir / "format-warmup", trainer.run_dir / "format_warmup.json"
+    want = json.loads(json.dumps(warmup_made_with(trainer.cfg)))  # as it reads back from JSON
+    found = None
+    if dist.is_main() and (out / "config.json").exists() and report.exists():
+        found = json.loads(report.read_text()).get("made_with")
+    found = dist.broadcast_object(found)  # rank 0's view: every rank takes one branch
+    if found is not None:
+        if found != want:
+            diff = sorted(k for k in set(found) | set(want) if found.get(k) != want.get(k))
+            raise ConfigError(f"{out} was made with other settings ({', '.join(diff)}: "
+                              f"{[found.get(k) for k in diff]} now {[want.get(k) for k in diff]}); delete it "
+                              f"to warm up again, or use another --out")
         log.info("format warm-up: reusing %s", out)
         return out
     if dist.is_main():
-        _format_warmup_to(trainer, source, out)
+        _format_warmup_to(trainer, source, out, made_with=want)
     else:
-        while not (out / "config.json").exists():
+        while not report.exists():
             time.sleep(poll_s)
     dist.barrier()
     return out
 
 
-def _format_warmup_to(trainer: Trainer, source: ImageSource, out: Path) -> None:
+def _format_warmup_to(trainer: Trainer, source: ImageSource, out: Path, *, made_with: dict[str, Any]) -> None:
     from vzero_fast.checkpoint import save_model_dir
 
     cfg = trainer.cfg
@@ -561,10 +573,13 @@ def _format_warmup_to(trainer: Trainer, source: ImageSource, out: Path) -> None:
                     "(the random tiny one); run a trained checkpoint with --vzero.format_warmup_steps 0",
                     cfg.model.path)
     with trainer.timer("format_warmup"):
-        policy = trainer.load_policy(shard=False)
+        policy = trainer.load_policy(shard=False, name="the format warm-up's copy")
         report = format_warmup(policy, source, cfg, seed=cfg.train.seed)
         save_model_dir(policy.model, policy.path, out)
-    (trainer.run_dir / "format_warmup.json").write_text(json.dumps(report, indent=1) + "\n")
+    (trainer.run_dir / "format_warmup.json").unlink(missing_ok=True)
+    tmp = trainer.run_dir / ".tmp-format_warmup.json"
+    tmp.write_text(json.dumps({**report, "made_with": made_with}, indent=1) + "\n")
+    os.replace(tmp, trainer.run_dir / "format_warmup.json")  # written last: the warm-up is complete
     log.info("format warm-up: %d steps, loss %.3f -> %.3f, parse rates after: questioner %.2f, solver %.2f "
              "(%.1f s) -> %s", report["steps"], report["loss_first"], report["loss_last"],
              report["questioner_parse_rate"], report["solver_parse_rate"], report["seconds"], out)

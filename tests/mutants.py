@@ -1,0 +1,329 @@
+"""Planted bugs that the tests must catch (mutation testing by hand-picked, realistic mutants).
+
+Each mutant is one exact edit (`old` -> `new`, `old` found exactly once, else the mutant is stale: an error)
+to one file of a temporary copy of the working tree, and the pytest selection that must fail on it. The
+copy is what runs: pytest starts inside it with PYTHONPATH = the copy, so `vzero_fast` and its kernels
+(`vzero_fast.kernels`, mapped from kernels/ by vzero_fast/__init__.py when no install maps it) are the copy's,
+not the editable install's (checked before any mutant runs, and by the kernel mutants themselves). First the
+union of all selections runs once on the unmodified copy (the baseline): a mutant "caught" by a test that
+fails anyway would prove nothing.
+
+    python tests/mutants.py            # every mutant, one at a time; exit 1 if any survives
+    python tests/mutants.py -j 2       # two at a time
+    python tests/mutants.py --list     # names, files and selections
+    python tests/mutants.py -k divisor # the mutants whose name contains "divisor"
+
+Tests run with OMP_NUM_THREADS=1 unless set: on 2 shared cores, torch's default threads made the selections
+5x slower (tests/test_train_on.py: 98 s with 2 threads under load, 18 s with 1).
+Add a mutant with every new component: the bug that component is most likely to get wrong.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Mutant:
+    name: str
+    file: str  # relative to the repository root
+    old: str
+    new: str
+    tests: tuple[str, ...]  # pytest node ids or test files
+    why: str
+
+
+MUTANTS = [
+    # ------------------------------------------------------------------------------------ GRPO (grpo.py)
+    Mutant("grpo-divisor-swapped", "vzero_fast/grpo.py",
+           'divisor = counts[k] if cfg.loss_agg != "token-mean" else max(counts[n_cfg + k], 1.0)',
+           'divisor = counts[n_cfg + k] if cfg.loss_agg != "token-mean" else max(counts[k], 1.0)',
+           ("tests/test_train_on.py::test_train_on_loss_and_gradient_norm",),
+           "token-mean divided by the sample count: loss and gradient 8x (issue #11)"),
+    Mutant("grpo-dual-clip-dropped", "vzero_fast/grpo.py",
+           "clip_c=cfg.clip_c or None,", "clip_c=None,",
+           ("tests/test_train_on.py::test_accumulate_dual_clip_kl_gradients",),
+           "the trainer never passes the dual-clip constant to the loss (issue #11)"),
+    Mutant("grpo-kl-dropped", "vzero_fast/grpo.py",
+           "kl_coef=cfg.kl_coef if ref is not None else 0.0,", "kl_coef=0.0,",
+           ("tests/test_train_on.py::test_accumulate_dual_clip_kl_gradients",),
+           "reference log-probs computed but the KL term never reaches the loss"),
+    Mutant("grpo-gather-off-by-one", "vzero_fast/grpo.py",
+           "gather[row, :r] = torch.arange(p - 1, p - 1 + r)", "gather[row, :r] = torch.arange(p, p + r)",
+           ("tests/test_train_on.py::test_train_on_loss_and_gradient_norm",),
+           "the hidden state at the response token, not the one before it, scores it (issue #11)"),
+    Mutant("grpo-step-never-updates", "vzero_fast/grpo.py",
+           "            self.optimizer.step()\n", "",
+           ("tests/test_grpo.py::test_grpo_step_updates_and_reports",),
+           "no optimizer step: the update test's assert sat under `if reward_std > 0` (issue #11)"),
+    Mutant("grpo-biased-std", "vzero_fast/grpo.py",
+           "rewards.std(dim=1, unbiased=True, keepdim=True)", "rewards.std(dim=1, unbiased=False, keepdim=True)",
+           ("tests/test_grpo.py::test_group_advantages_match_formula",),
+           "population std where ALGORITHMS.md says unbiased"),
+    Mutant("grpo-drop-zero-variance-ignored", "vzero_fast/grpo.py",
+           "keep_groups(rewards, drop_zero_variance=cfg.drop_zero_variance)", "keep_groups(rewards)",
+           ("tests/test_grpo.py::test_drop_zero_variance_trains_only_groups_with_signal",),
+           "a config field nothing reads (issue #11: fields documented and never read)"),
+    Mutant("grpo-band-open-interval", "vzero_fast/grpo.py",
+           "(share >= band[0]) & (share <= band[1])", "(share > band[0]) & (share < band[1])",
+           ("tests/test_vzero.py::test_pseudo_labels_vectorised_and_band",
+            "tests/test_vzero.py::test_question_set_keeps_only_the_difficulty_band"),
+           "the difficulty band loses its edges (0.3 and 0.8 are kept in the paper)"),
+    # ------------------------------------------------------------------------------ engine seam (grpo.py)
+    Mutant("seam-no-sync-after-step", "vzero_fast/grpo.py",
+           "            self.engine.sync_weights(self.policy)  # the next rollout samples from the updated weights\n",
+           "", ("tests/test_trainer_seams.py::test_engines_come_from_make_engine_and_follow_the_updates",),
+           "an engine with its own weights (vLLM) would keep sampling from the old policy"),
+    Mutant("seam-never-wakes", "vzero_fast/grpo.py",
+           "            finally:\n                self.engine.wake()", "            finally:\n                pass",
+           ("tests/test_trainer_seams.py::test_engines_come_from_make_engine_and_follow_the_updates",),
+           "the engine sleeps after the first update and is asked to generate asleep"),
+    # ------------------------------------------------------------------------------------- trainer.py
+    Mutant("trainer-reference-always-base", "vzero_fast/trainer.py",
+           'return self.model_path if iteration == 1 else self.ckpt.root / role / f"iter-{iteration - 1}"',
+           "return self.model_path",
+           ("tests/test_trainer_seams.py::test_stage_reference_is_the_stage_start",),
+           "every stage's KL reference is the base model (issue #11)"),
+    Mutant("trainer-backend-ignored", "vzero_fast/trainer.py",
+           "engine = make_engine(policy, self.cfg.train.rollout_backend)", "engine = make_engine(policy)",
+           ("tests/test_trainer_seams.py::test_engines_come_from_make_engine_and_follow_the_updates",),
+           "train.rollout_backend is never read: every run gets the native engine"),
+    Mutant("trainer-resume-no-sync", "vzero_fast/trainer.py",
+           "                role.engine.sync_weights(role.policy)\n", "                pass\n",
+           ("tests/test_trainer_seams.py::test_engines_come_from_make_engine_and_follow_the_updates",),
+           "a resumed run's engines keep the weights they were built with"),
+    Mutant("trainer-nonempty-out-reused", "vzero_fast/trainer.py",
+           "if busy and not resume:", "if busy and not resume and overwrite:",
+           ("tests/test_run_dir.py::test_nonempty_out_refuses_without_resume_or_overwrite",),
+           "a new run silently mixes into an old run directory"),
+    # ---------------------------------------------------------------------------------- checkpoint.py
+    Mutant("checkpoint-latest-before-state", "vzero_fast/checkpoint.py",
+           "            tmp = _tmp_sibling(path)\n"
+           "            torch.save(payload, tmp)\n",
+           "            latest_tmp = _tmp_sibling(self.root / 'latest.json')\n"
+           "            latest_tmp.write_text(json.dumps({'trainer_state': path.name, 'roles': role_dirs, 'state': state}))\n"
+           "            os.replace(latest_tmp, self.root / 'latest.json')\n"
+           "            kill_point('save')\n"
+           "            tmp = _tmp_sibling(path)\n"
+           "            torch.save(payload, tmp)\n",
+           ("tests/test_checkpoint_order.py",),
+           "latest.json names a trainer state not yet written: a kill in between leaves no resume point"),
+    Mutant("checkpoint-step-not-restored", "vzero_fast/checkpoint.py",
+           'role.step = info["step"]', "role.step = 0",
+           ("tests/test_trainer_seams.py::test_engines_come_from_make_engine_and_follow_the_updates",),
+           "a resumed role restarts its step counter (seeds and checkpoint names repeat)"),
+    # --------------------------------------------------------------------------------------- optim.py
+    Mutant("optim-unstepped-state-dict", "vzero_fast/optim.py",
+           "        if not self.has_state:\n            return {}\n", "",
+           ("tests/test_optim.py::test_state_dict_before_a_step_is_empty_and_harmless",),
+           "asking for an unstepped optimizer's state runs a zero-gradient step (AdamW's step count 1)"),
+    Mutant("optim-masters-not-copied-back", "vzero_fast/optim.py",
+           "p.copy_(m)  # round to the compute dtype", "pass",
+           ("tests/test_optim.py::test_bf16_compute_keeps_fp32_masters_by_default",),
+           "fp32 masters step but the bf16 model never sees the update"),
+    # ------------------------------------------------------------------------------ V-Zero (recipes/vzero.py)
+    Mutant("vzero-band-dropped", "vzero_fast/recipes/vzero.py",
+           "kept = in_band(share, vz.band_low, vz.band_high) & (label >= 0)", "kept = label >= 0",
+           ("tests/test_vzero.py::test_question_set_keeps_only_the_difficulty_band",),
+           "pseudo-labelled questions kept whatever their share (issue #11)"),
+    Mutant("vzero-agree-pays-share", "vzero_fast/recipes/vzero.py",
+           "agree = torch.minimum(c, 1 - c)", "agree = c",
+           ("tests/test_vzero.py::test_dual_track_reward_hand_built",),
+           "an agreeing question paid c instead of min(c, 1 - c): confident Solvers pay most"),
+    Mutant("vzero-none-overturns", "vzero_fast/recipes/vzero.py",
+           "overturned = torch.where(a_hat != NONE_ID, 0.5 * c, torch.zeros_like(c))", "overturned = 0.5 * c",
+           ("tests/test_vzero.py::test_dual_track_reward_hand_built",),
+           "a vote won by 'None' pays 0.5c as if reasoning overturned intuition"),
+    # --------------------------------------------------------------------------------------- kernels/
+    Mutant("kernel-grpo-fwd-one-block", "kernels/grpo_loss.py",
+           "for t0 in range(0, T, BLOCK_T):", "for t0 in range(0, BLOCK_T, BLOCK_T):",
+           ("tests/test_grpo_loss_long.py",),
+           "the forward reads only the first 1024 tokens of each response (issue #11: T > 1024 untested)"),
+    Mutant("kernel-grpo-bwd-one-block", "kernels/grpo_loss.py",
+           '_grpo_loss_bwd_kernel[(B, triton.cdiv(T, ctx.args["flags"]["BLOCK_T"]))](',
+           "_grpo_loss_bwd_kernel[(B, 1)](",
+           ("tests/test_grpo_loss_long.py",),
+           "the backward launches one block per row: tokens past 1024 get garbage gradients"),
+    Mutant("kernel-logprob-fwd-column-mask", "kernels/logprob.py",
+           'z = tl.where(col_ok[None, :], z, float("-inf"))', "z = z",
+           ("tests/test_kernels_logprob.py::test_fp32_matches_float64_reference",),
+           "columns past V (TMA zero-fills them) or of the next split enter the softmax sum (issue #12)"),
+    Mutant("kernel-logprob-torch-host-max", "kernels/logprob.py",
+           "m = torch.full((N,), _NEG_INIT, dtype=cdt, device=h.device)", "m = torch.full((N,), _NEG_INIT, dtype=cdt)",
+           ("tests/test_gpu_readiness.py::test_kernel_torch_paths_on_a_device",),
+           "the torch path's running max on the host meets device logits: it crashes on a GPU (issue #12)"),
+    # ------------------------------------------------------------------------------------- GPU readiness
+    Mutant("grpo-advantages-host-index", "vzero_fast/grpo.py",
+           "batch.advantages.to(dev)[mb.rows]", "batch.advantages[mb.rows]",
+           ("tests/test_gpu_readiness.py::test_grpo_step_trains_on_a_simulated_accelerator",),
+           "host advantages indexed with device rows: every GPU step raises on its first micro-batch (#12)"),
+    Mutant("metrics-one-read-per-value", "vzero_fast/metrics.py",
+           "values = torch.stack([metrics[k].detach().float().reshape(()) for k in group]).tolist()",
+           "values = [metrics[k].detach().float().reshape(()).item() for k in group]",
+           ("tests/test_gpu_readiness.py::test_step_metrics_reach_the_host_in_one_read",),
+           "~20 host syncs per step instead of one (issue #12)"),
+    Mutant("dist-2.11-guard-dropped", "vzero_fast/distributed.py",
+           "model.base_model.register_forward_pre_hook(_require_image_in_training_pass, with_kwargs=True)", "pass",
+           ("tests/test_gpu_readiness.py::test_fsdp_without_unused_param_reduction",),
+           "torch 2.11 (no unused-parameter reduce-scatter): a text-only pass would hang NCCL, not raise (#12)"),
+    # -------------------------------------------------------------------------------------- rollout.py
+    Mutant("rollout-rope-offset", "vzero_fast/rollout.py",
+           "next_pos = pos.amax(dim=(0, 2)) + 1", "next_pos = pos.amax(dim=(0, 2))",
+           ("tests/test_rollout.py::test_logprobs_equal_training_forward",),
+           "decode positions one short (docs/LOG.md: greedy parity missed it, log-probs did not)"),
+]
+
+
+# ------------------------------------------------------------------------------------------------ running
+
+SKIP = {".git", "runs", "__pycache__", ".pytest_cache", ".ruff_cache", ".benchmarks", "build", "dist", ".venv",
+        "venv"}
+
+
+def snapshot(dest: Path) -> None:
+    """The working tree as git sees it (tracked and untracked, not ignored), without .git; outside a git
+    checkout, every file but build outputs, caches and runs."""
+    try:
+        files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                               check=True, capture_output=True).stdout.decode().split("\0")
+    except (OSError, subprocess.CalledProcessError):
+        files = [str(p.relative_to(ROOT)) for p in ROOT.rglob("*")
+                 if p.is_file() and not SKIP & set(p.relative_to(ROOT).parts) and ".egg-info" not in str(p)]
+    for rel in filter(None, files):
+        src = ROOT / rel
+        if src.is_file():  # deleted but still in the index: skip
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+
+
+def env_for(copy: Path) -> dict[str, str]:
+    env = {**os.environ, "PYTHONPATH": str(copy), "PYTHONDONTWRITEBYTECODE": "1"}
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+def check_imports(copy: Path) -> None:
+    """The copy's package and kernels are what Python imports there (not the editable install's)."""
+    modules = ("vzero_fast", "vzero_fast.grpo", "vzero_fast.kernels.grpo_loss", "vzero_fast.recipes.vzero")
+    code = f"import importlib\nfor m in {modules!r}: print(importlib.import_module(m).__file__)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=copy, env=env_for(copy), capture_output=True,
+                         text=True, check=True).stdout.split()
+    real = copy.resolve()
+    bad = [p for p in out if not Path(p).resolve().is_relative_to(real)]
+    if bad:
+        raise SystemExit(f"mutants: the copy imports code from outside it: {bad}")
+
+
+def pytest(copy: Path, args: tuple[str, ...], timeout: float) -> tuple[int, str, float]:
+    start = time.perf_counter()
+    try:
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *args],
+                              cwd=copy, env=env_for(copy), capture_output=True, text=True, timeout=timeout)
+        rc, out = proc.returncode, proc.stdout + proc.stderr
+    except subprocess.TimeoutExpired:
+        rc, out = -1, f"timed out after {timeout:.0f} s"
+    return rc, out, time.perf_counter() - start
+
+
+def apply(copy: Path, m: Mutant) -> None:
+    path = copy / m.file
+    text = path.read_text()
+    n = text.count(m.old)
+    if n != 1:
+        raise ValueError(f"stale mutant {m.name}: its snippet occurs {n} times in {m.file}")
+    path.write_text(text.replace(m.old, m.new))
+
+
+def first_failure(out: str) -> str:
+    for line in out.splitlines():
+        if line.startswith(("FAILED", "ERROR")):
+            return line[:150]
+    return out.strip().splitlines()[-1][:150] if out.strip() else ""
+
+
+def run_mutant(base: Path, work: Path, m: Mutant, timeout: float) -> tuple[str, float, str]:
+    copy = work / m.name
+    shutil.copytree(base, copy)
+    try:
+        apply(copy, m)
+    except ValueError as e:
+        return "STALE", 0.0, str(e)
+    rc, out, seconds = pytest(copy, m.tests, timeout)
+    shutil.rmtree(copy, ignore_errors=True)
+    if rc == 0:
+        return "MISSED", seconds, "every selected test passed"
+    if rc in (1, 2):  # test failures, or an error while collecting (the mutant broke an import: caught too)
+        return "caught", seconds, first_failure(out)
+    return "ERROR", seconds, f"pytest exit {rc}: {first_failure(out)}"  # 5 = nothing collected, -1 = timeout
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--list", action="store_true", help="list the mutants and exit")
+    ap.add_argument("-k", dest="pattern", default="", help="only mutants whose name contains this")
+    ap.add_argument("-j", dest="jobs", type=int, default=1, help="mutants run at the same time")
+    ap.add_argument("--no-baseline", action="store_true", help="skip the run on the unmodified copy")
+    ap.add_argument("--timeout", type=float, default=900, help="seconds per pytest run")
+    args = ap.parse_args(argv)
+    chosen = [m for m in MUTANTS if args.pattern in m.name]
+    if args.list:
+        for m in chosen:
+            print(f"{m.name:34s} {m.file:30s} {' '.join(m.tests)}\n{'':34s} {m.why}")
+        return 0
+    if not chosen:
+        print(f"no mutant matches {args.pattern!r}", file=sys.stderr)
+        return 2
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="vzero-mutants-") as tmp:
+        work = Path(tmp)
+        base = work / "base"
+        snapshot(base)
+        check_imports(base)
+        stale = []
+        for m in chosen:  # every snippet first: a stale mutant is an error before anything runs
+            text = (base / m.file).read_text()
+            if text.count(m.old) != 1:
+                stale.append(f"{m.name}: its snippet occurs {text.count(m.old)} times in {m.file}")
+        if stale:
+            print("stale mutants (update them to the code):\n  " + "\n  ".join(stale), file=sys.stderr)
+            return 2
+        if not args.no_baseline:
+            selection = list(dict.fromkeys(t for m in chosen for t in m.tests))
+            rc, out, seconds = pytest(base, tuple(selection), args.timeout * 2)
+            print(f"baseline: {len(selection)} selections on the unmodified copy, {seconds:.0f} s: "
+                  f"{'pass' if rc == 0 else 'FAIL'}", flush=True)
+            if rc != 0:
+                print(out[-4000:], file=sys.stderr)
+                print("the baseline fails: fix the tests first (a mutant 'caught' by them would prove nothing)",
+                      file=sys.stderr)
+                return 2
+        results = {}
+        with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+            futures = {m.name: pool.submit(run_mutant, base, work, m, args.timeout) for m in chosen}
+            for m in chosen:
+                status, seconds, detail = futures[m.name].result()
+                results[m.name] = status
+                print(f"{status:7s} {m.name:34s} {seconds:6.1f} s  {detail}", flush=True)
+    missed = [n for n, s in results.items() if s == "MISSED"]
+    errors = [n for n, s in results.items() if s in ("ERROR", "STALE")]
+    print(f"{len(results) - len(missed) - len(errors)}/{len(results)} mutants caught, {len(missed)} missed, "
+          f"{len(errors)} errors in {time.perf_counter() - start:.0f} s")
+    if missed:
+        print("missed: " + ", ".join(missed), file=sys.stderr)
+        return 1
+    return 2 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
