@@ -10,7 +10,6 @@ Usage: torchrun --standalone --nproc_per_node=2 tests/_fsdp_unused_worker.py MOD
 import json
 import sys
 
-import torch
 from torch.distributed.fsdp import FSDPModule
 
 from vzero_fast import distributed as dist
@@ -35,10 +34,12 @@ def main(model_dir: str) -> None:
         error = ""
     except RuntimeError as exc:
         error = str(exc)
-    print(json.dumps({"rank": world.rank, "image_pass_grad_norm": float(norm), "text_only_error": error}),
-          flush=True)
-    torch.distributed.barrier()
-    dist.shutdown()
+    # One write per line (see tests/_fsdp_worker.py): the ranks share torchrun's stdout.
+    sys.stdout.write(json.dumps({"rank": world.rank, "image_pass_grad_norm": float(norm),
+                                 "text_only_error": error}) + "\n")
+    sys.stdout.flush()
+    dist.shutdown()  # a barrier, then the group is destroyed
+    dist.end_process(0)  # no interpreter finalization under torchrun (vzero_fast/distributed.py)
 
 
 if __name__ == "__main__":

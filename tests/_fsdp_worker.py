@@ -8,7 +8,6 @@ Usage: torchrun --standalone --nproc_per_node=2 tests/_fsdp_worker.py MODEL_DIR
 import json
 import sys
 
-import torch
 import torch.distributed as tdist
 
 from vzero_fast import distributed as dist
@@ -47,10 +46,13 @@ def main(model_dir: str) -> None:
     from torch.distributed.tensor import DTensor
 
     sharded = all(isinstance(p, DTensor) for p in policy.model.parameters())
-    print(json.dumps({"rank": world.rank, "all_gathers": len(calls), "groups": groups,
-                      "decode_steps": engine.stats.decode_steps, "sharded_after": sharded}), flush=True)
-    torch.distributed.barrier()
-    dist.shutdown()
+    # One write per line: the ranks share torchrun's stdout, and print() writes the text and the newline
+    # separately (unbuffered under PYTHONUNBUFFERED), so two ranks' lines could interleave.
+    sys.stdout.write(json.dumps({"rank": world.rank, "all_gathers": len(calls), "groups": groups,
+                                 "decode_steps": engine.stats.decode_steps, "sharded_after": sharded}) + "\n")
+    sys.stdout.flush()
+    dist.shutdown()  # a barrier, then the group is destroyed
+    dist.end_process(0)  # no interpreter finalization under torchrun (vzero_fast/distributed.py)
 
 
 if __name__ == "__main__":

@@ -6,16 +6,18 @@ near zero; the norm-wise error is what bounds a training step.
 
 Every bound is relative to the plain torch computation (the op's naive `*_reference` run in the same
 dtype as ours), measured in the same test against the same float64 truth: ours <= factor x naive + floor
-(BOUNDS). A fixed bound cannot be right on every machine: the rounding error of a long fp32 reduction
-depends on the BLAS kernel's summation order (V = 152064 at N = 1: naive fp32 errors of 4e-6 to 5e-5
-over seeds on one machine, 1.8e-5 vs 9e-6 between two BLAS paths; docs/LOG.md 2026-11-30), whereas the
-naive run sees the same order of error on whatever machine runs the test.
+(BOUNDS). A fixed bound cannot be right on every machine: the rounding of a long fp32 reduction depends on
+the BLAS kernel's summation order. At V = 152064, N = 1 (grad_hidden is a 152064-term sum) plain fp32 was
+off by 3.6e-6 to 6.3e-5 over 16 seeds, and at the test's seed by 1.8e-5 (MKL) or 1.4e-5 (ATen without
+AVX512) while ours was 3.4e-5: the old fixed 1e-5 failed (docs/LOG.md, 2026-11-30, issue #9). The naive
+run makes the same kind of error on whatever machine runs the test.
 
-- fp32: factor 4 (ours/naive reached 3.1 over 24 seeds x 4 BLAS paths at V = 152064) plus a floor of
-  1e-6 (~17 fp32 roundings, 2^-24 each), so that an exactly rounded naive result does not make the bound
-  0 (short reductions: naive errors of 0 to 3e-7, ours up to 1e-6). A gradient 1e-4 off fails it wherever
-  plain fp32 is accurate to ~2e-5 (test_fp32_bound_rejects_*); at N = 1, V = 152064 plain fp32 itself
-  is only that accurate, so no fp32 bound there can resolve 1e-4.
+- fp32: factor 4 (ours/naive reached 2.8 over 16 seeds x 3 BLAS paths at V = 152064; ours used at most
+  0.64 of the bound there, 0.59 in the tests on every path tried) plus a floor of 1e-6 (~17 fp32 roundings
+  of 2^-24), so that an exactly rounded naive result does not make the bound 0 (short reductions: naive
+  errors of 0 to 3e-7, ours up to 1e-6). A gradient 1e-4 off fails it wherever plain fp32 is accurate to
+  ~2e-5 (test_fp32_bound_rejects_*, both files); at N = 1, V = 152064 plain fp32 itself is not, so no fp32
+  bound there can resolve 1e-4.
 - The fused log-prob kernels recompute p = exp(z - lse) from the saved per-row lse (as flash attention
   does), so log p carries an absolute error of up to ~|lse| x 2^-24 that the naive log_softmax (which
   subtracts the row max exactly) does not: their checks add LSE_ROUNDINGS x 2^-24 x max |lse| to the

@@ -188,8 +188,9 @@ def _cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
     if distributed.is_main():
         _print_summary(trainer.run_dir, trainer.summary)
     distributed.shutdown()
-    # The shell's convention for a run a signal ended: 130 after SIGINT, 143 after SIGTERM.
-    return 128 + signal.Signals[state["stopped"]] if state["stopped"] else 0
+    # The shell's convention for a run a signal ended: 130 after SIGINT, 143 after SIGTERM. A torchrun rank
+    # ends here without interpreter finalization (distributed.end_process says why).
+    return distributed.end_process(128 + signal.Signals[state["stopped"]] if state["stopped"] else 0)
 
 
 def _print_summary(run_dir: Path, s: dict) -> None:

@@ -42,6 +42,9 @@ Decisions:
 - Checkpoints: `full_state_dict` gathers the HF-keyed full state dict to rank 0 (others get {}), which writes
   the HF directory; `optimizer_state` is the full AdamW state keyed by parameter name; both load with a
   broadcast from rank 0. A run therefore resumes with any number of ranks, one included.
+- Exit: `shutdown` (a barrier, then destroy_process_group), then `end_process(code)`, which ends a torchrun
+  rank with os._exit after flushing: torch keeps a gloo group's threads alive past destroy_process_group, and
+  in interpreter finalization they could abort the process (SIGABRT after a finished run).
 - Test-only hook: with VZERO_TEST_DIE_AT_STEP=k, rank VZERO_TEST_DIE_RANK (default 1) exits at once
   (os._exit(1)) after global step k (`die_for_test`; tests/test_distributed.py, the dying-rank test).
 
@@ -50,29 +53,23 @@ Test: `pytest tests/test_distributed.py` (2 gloo ranks on CPU under torchrun).
 
 from __future__ import annotations
 
-import atexit
 import contextlib
-import gc
 import logging
 import os
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-if dist.is_available():
-    # Imported before any group exists: its functions take `group=group.WORLD` as a default, evaluated at import,
-    # so a later import (FSDP2/DTensor import it lazily) pins the default group forever (see _free_groups).
-    import torch.distributed.nn.functional  # noqa: F401
-
 from vzero_fast.config import ConfigError, DistConfig
 from vzero_fast.model import resolve_device
 
 log = logging.getLogger("vzero_fast.distributed")
+_joined = False  # whether this process joined a torchrun group (then `end_process` skips finalization)
 
 TEST_DIE_ENV = "VZERO_TEST_DIE_AT_STEP"
 TEST_DIE_RANK_ENV = "VZERO_TEST_DIE_RANK"
@@ -125,8 +122,8 @@ def init(cfg: DistConfig, device: str = "auto") -> World:
     if not dist.is_initialized():
         dist.init_process_group(backend, timeout=timedelta(seconds=cfg.timeout_s),
                                 device_id=dev if dev.type == "cuda" else None)
-    atexit.unregister(_release_at_exit)  # once, however often init runs
-    atexit.register(_release_at_exit)
+    global _joined
+    _joined = True
     fsdp = cfg.fsdp == "on" or (cfg.fsdp == "auto" and world > 1)
     if cfg.cpu_offload and not fsdp:
         raise ConfigError("dist.cpu_offload: needs FSDP (one rank: --dist.fsdp on)")
@@ -136,53 +133,35 @@ def init(cfg: DistConfig, device: str = "auto") -> World:
 
 
 def shutdown() -> None:
-    """The clean end of a run; every rank calls it, best once the trainer is dropped (cli.py). A barrier
-    first, so that no rank tears its connections down while a peer is still in a collective; then the group
-    is destroyed and freed (`_free_groups`). `init` also registers `_release_at_exit`, which covers the
-    exit paths that never get here."""
+    """The clean end of a run; every rank calls it, then `end_process`. A barrier first, so that no rank
+    tears down while a peer is still in a collective; then the group is destroyed. Not for failure paths: a
+    dead peer fails the barrier, a hung one holds it dist.timeout_s."""
     if dist.is_available() and dist.is_initialized():
         if dist.get_world_size() > 1:
             dist.barrier()
         dist.destroy_process_group()
-    _free_groups()
 
 
-def _release_at_exit() -> None:
-    """atexit (every exit path, while the interpreter is still whole). A group still initialized here means
-    `shutdown` was not reached (an error, or a program without it): no barrier, as peers may be gone or stuck;
-    destroyed on gloo only (an NCCL teardown can block on a failed peer). Then the groups are freed, and a
-    group whose threads survive that is reported (the abort below may follow)."""
-    if dist.is_available() and dist.is_initialized() and dist.get_backend() == "gloo":
-        dist.destroy_process_group()
-    left = _free_groups()
-    if left:
-        log.warning("rank %s exits with c10d threads still running (%s): a sharded model or a process group is "
-                    "still referenced", os.environ.get("RANK", "?"), ", ".join(left))
+def end_process(code: int) -> int:
+    """End a torchrun rank with `code` after `shutdown`, without interpreter finalization; elsewhere (a plain
+    run, a test calling cli.main in-process) return `code` for the caller to return.
 
-
-def _free_groups() -> list[str]:
-    """Free destroyed process groups now; returns the names of the gloo threads still running (Linux).
-
-    `destroy_process_group` only unregisters a group. Until 2026-11-30 the gloo group and its native threads
-    (2 workers, the TCP event loop) lived on into interpreter finalization and exit() on every rank, where a
-    C++ thread that still touches Python kills the process: SIGABRT, "terminate called without an active
-    exception" (Python 3.11 ends a thread that takes the GIL during finalization; pytorch#190489). Three
-    things held the group: the sharded models (FSDP2 keeps it), DTensor's sharding-propagation caches
-    (DTensorSpec -> DeviceMesh -> its group registry), and torch.distributed.nn.functional's default arguments
-    when imported after init (imported first above). Here the caches are cleared and, once nothing reachable
-    holds the models, one collection frees them and the group, whose destructor joins its threads (torch
-    releases the GIL for that)."""
-    with contextlib.suppress(ImportError, AttributeError):  # torch.distributed.tensor.debug: a debug helper
-        from torch.distributed.tensor.debug import _clear_sharding_prop_cache
-
-        _clear_sharding_prop_cache()
-    gc.collect()
-    names = []
-    with contextlib.suppress(OSError):
-        for tid in os.listdir("/proc/self/task"):
-            with contextlib.suppress(OSError):  # a thread may end between the two calls
-                names.append(Path(f"/proc/self/task/{tid}/comm").read_text().strip())
-    return [n for n in names if "gloo" in n]
+    Why: `destroy_process_group` only unregisters the group. Its gloo threads (2 workers, the TCP loop) keep
+    running into finalization and exit() on every rank, because torch keeps the group referenced (DTensor's
+    sharding-propagation and redistribution caches hold DeviceMesh objects, which hold their groups; seen with
+    gdb: ~ProcessGroupGloo never runs). A C++ thread that touches Python there (a worker dropping the last
+    reference to its collective's tensors takes the GIL) is ended by Python 3.11's finalization with a forced
+    unwind through noexcept code: "terminate called without an active exception", SIGABRT, torchrun exit 1
+    (seen in 1 of 20 2-rank resumes under load, after every rank's last line; pytorch#190489). Nothing public
+    frees the group, so the rank leaves without finalization: logs and stdio flushed first; the trainer has
+    closed its files."""
+    if not _joined:
+        return code
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a closed or broken pipe must not change the code
+            stream.flush()
+    os._exit(code)
 
 
 def is_distributed() -> bool:
