@@ -276,6 +276,8 @@ def test_one_process_without_torchrun(monkeypatch):
     assert (world.rank, world.world_size, world.fsdp, world.is_main) == (0, 1, False, True)
     t = torch.tensor([1.0, 2.0])
     assert dist.all_reduce(t) is t and dist.broadcast_object("x") == "x" and not dist.is_distributed()
+    dist.shutdown()  # no group: nothing to do
+    assert dist.end_process(143) == 143  # no torchrun group joined: the code comes back, the process lives
     with pytest.raises(ConfigError, match="torchrun"):
         dist.init(DistConfig(fsdp="on"), "cpu")
     with pytest.raises(ConfigError, match="cpu_offload"):
