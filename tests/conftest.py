@@ -2,6 +2,10 @@
 
 TRITON_INTERPRET must be set before any module defining a @triton.jit kernel is imported, so that the
 Triton kernels run on CPU tensors here (shared/ENVIRONMENT.md). It is set only when no GPU is present.
+
+Under pytest-xdist (`-n 2`) each worker gets its share of the cores as torch threads (and so do the runs it
+starts), unless OMP_NUM_THREADS is set: torch's default of one thread per core would put 4 threads on 2 cores
+(docs/LOG.md, 2026-11-30, issue 13).
 """
 
 import os
@@ -15,6 +19,13 @@ except ImportError:  # pragma: no cover
 
 if not _HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+if os.environ.get("PYTEST_XDIST_WORKER") and "OMP_NUM_THREADS" not in os.environ:
+    _cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    _share = max(1, _cores // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+    os.environ["OMP_NUM_THREADS"] = str(_share)  # inherited by the runs the tests start
+    if "torch" in globals():
+        torch.set_num_threads(_share)
 
 import pytest  # noqa: E402
 

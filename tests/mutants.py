@@ -96,9 +96,9 @@ MUTANTS = [
            ("tests/test_trainer_seams.py::test_stage_reference_is_the_stage_start",),
            "every stage's KL reference is the base model (issue #11)"),
     Mutant("trainer-backend-ignored", "vzero_fast/trainer.py",
-           "engine = make_engine(policy, self.cfg.train.rollout_backend)", "engine = make_engine(policy)",
+           "engine = make_engine(policy, self.cfg.rollout.backend,", "engine = make_engine(policy, 'native',",
            ("tests/test_trainer_seams.py::test_engines_come_from_make_engine_and_follow_the_updates",),
-           "train.rollout_backend is never read: every run gets the native engine"),
+           "rollout.backend is never read: every run gets the native engine"),
     Mutant("trainer-resume-no-sync", "vzero_fast/trainer.py",
            "                role.engine.sync_weights(role.policy)\n", "                pass\n",
            ("tests/test_trainer_seams.py::test_engines_come_from_make_engine_and_follow_the_updates",),
@@ -191,6 +191,35 @@ SKIP = {".git", "runs", "__pycache__", ".pytest_cache", ".ruff_cache", ".benchma
         "venv"}
 
 
+# The vLLM backend (vzero_fast/rollout_vllm.py): its tests skip where vllm does not import, so these run only with
+# `--vllm` from the vLLM environment (README, "command-vllm").
+VLLM_SYNC = ("tests/test_rollout_vllm.py::test_sync_weights_in_place",)
+VLLM_MUTANTS = [
+    Mutant("vllm-sync-skipped", "vzero_fast/rollout_vllm.py",
+           "            self._pending = True\n        else:\n            self._load(policy)\n",
+           "            self._pending = True\n",
+           VLLM_SYNC, "sync_weights on an awake engine does nothing: rollouts sample stale weights"),
+    Mutant("vllm-sync-partial", "vzero_fast/rollout_vllm.py",
+           "            if id(t) not in seen:  # tied weights once",
+           '            if id(t) not in seen and ".layers.2." not in name:  # tied weights once',
+           VLLM_SYNC, "the stream leaves one decoder layer out"),
+    Mutant("vllm-wake-reloads-from-disk", "vzero_fast/rollout_vllm.py",
+           "            self._load(self.policy)  # level 2 discarded the weights; a sync while asleep lands now",
+           "            self.runner.reload_weights(is_checkpoint_format=True)",
+           VLLM_SYNC, "a sync that arrived asleep is replaced at wake by the directory's (old) weights"),
+    Mutant("vllm-logprobs-raw", "vzero_fast/rollout_vllm.py",
+           'current["t"] = None if t is None else torch.where(t < 1e-5, torch.ones_like(t), t)',
+           'current["t"] = None',
+           ("tests/test_rollout_vllm.py::test_logprobs_are_the_trainers",),
+           "sampler log-probs at T = 1 (vLLM's raw default) instead of log_softmax(logits / T)"),
+    Mutant("vllm-prompt-unchecked", "vzero_fast/rollout_vllm.py",
+           "                if list(res.prompt_token_ids) != fields[\"prompt_ids\"].tolist():",
+           "                if False:",
+           ("tests/test_rollout_vllm.py::test_prompt_is_the_one_the_trainer_rescores",),
+           "a prompt the trainer re-scores differently from vLLM's goes unnoticed"),
+]
+
+
 def snapshot(dest: Path) -> None:
     """The working tree as git sees it (tracked and untracked, not ignored), without .git; outside a git
     checkout, every file but build outputs, caches and runs."""
@@ -273,10 +302,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--list", action="store_true", help="list the mutants and exit")
     ap.add_argument("-k", dest="pattern", default="", help="only mutants whose name contains this")
     ap.add_argument("-j", dest="jobs", type=int, default=1, help="mutants run at the same time")
+    ap.add_argument("--vllm", action="store_true",
+                    help="the vLLM backend's mutants instead (run with the vLLM environment's python)")
     ap.add_argument("--no-baseline", action="store_true", help="skip the run on the unmodified copy")
     ap.add_argument("--timeout", type=float, default=900, help="seconds per pytest run")
     args = ap.parse_args(argv)
-    chosen = [m for m in MUTANTS if args.pattern in m.name]
+    if args.vllm:
+        probe = subprocess.run([sys.executable, "-c", "import vllm"], capture_output=True)
+        if probe.returncode != 0:
+            print("mutants --vllm: vllm does not import in this environment (scripts/vllm_cpu_env.sh builds one)",
+                  file=sys.stderr)
+            return 2
+    chosen = [m for m in (VLLM_MUTANTS if args.vllm else MUTANTS) if args.pattern in m.name]
     if args.list:
         for m in chosen:
             print(f"{m.name:34s} {m.file:30s} {' '.join(m.tests)}\n{'':34s} {m.why}")

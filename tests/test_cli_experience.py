@@ -65,6 +65,15 @@ def test_cuda_without_gpu(tmp_path):
     assert "--device cuda" in line
 
 
+def test_vllm_backend_without_vllm(tmp_path):
+    from vzero_fast.rollout_vllm import vllm_unavailable
+
+    if vllm_unavailable() is None:
+        pytest.skip("vllm imports here: --rollout.backend vllm is valid")
+    line = _mistake(tmp_path, "--rollout.backend", "vllm")
+    assert "--rollout.backend vllm" in line and "vllm does not import" in line and "native" in line
+
+
 def test_unknown_config_key(tmp_path):
     line = _mistake(tmp_path, "--solver.rolout_n", "4")
     assert "rollout_n" in line  # the suggestion

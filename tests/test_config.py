@@ -40,7 +40,7 @@ def test_presets_resolve(preset):
 def test_tiny_preset_runs_on_a_cpu():
     cfg = C.resolve("tiny")
     assert cfg.model.path == "" and cfg.train.device == "cpu" and cfg.train.cpu_threads == 1
-    assert cfg.vzero.format_warmup_steps > 0 and cfg.train.rollout_backend == "native"
+    assert cfg.vzero.format_warmup_steps > 0 and cfg.rollout.backend == "native"
 
 
 @pytest.mark.parametrize("preset", ["vzero-3b", "vzero-7b"])

@@ -119,7 +119,8 @@ def test_samples_do_not_depend_on_batch_mates(tiny_policy):
 @pytest.mark.slow
 def test_generate_gathers_once_per_rollout(tiny_model_dir):
     """Under FSDP2 `generate` all-gathers each group once, however many decode steps a rank runs (3 on rank 0,
-    12 on rank 1: per-token gathers could not even stay matched), and leaves the model sharded."""
+    12 on rank 1: per-token gathers could not even stay matched), and leaves the model sharded. The vLLM
+    engine's weight stream yields the full weights unit by unit and leaves the model sharded too."""
     worker = Path(__file__).with_name("_fsdp_worker.py")
     exe = Path(sys.executable).with_name("torchrun")
     launcher = [str(exe)] if exe.exists() else [sys.executable, "-m", "torch.distributed.run"]
@@ -130,6 +131,9 @@ def test_generate_gathers_once_per_rollout(tiny_model_dir):
     for r in rows:
         assert r["all_gathers"] == r["groups"] == 9  # 4 vision blocks + 4 decoder layers + the root
         assert r["sharded_after"]
+        # The vLLM engine's weight stream: every parameter, gathered, cast to bf16, one unit unsharded at a time.
+        assert r["stream_equal"] and r["stream_tensors"] >= 60, r
+        assert r["stream_max_unsharded"] == 1 and r["stream_sharded_after"], r
 
 
 # ------------------------------------------------------------------------------------ 2 ranks vs 1 process

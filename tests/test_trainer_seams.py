@@ -2,7 +2,7 @@
 
 - the KL reference of a stage is the role's weights at that stage's start: the base model in iteration 1,
   `checkpoints/<role>/iter-<k-1>` in iteration k (as saved on disk, compared tensor by tensor);
-- the engine seam: every role's engine comes from `rollout.make_engine` with `train.rollout_backend`, the role's
+- the engine seam: every role's engine comes from `rollout.make_engine` with `rollout.backend`, the role's
   engine sleeps while the role trains and wakes before the next rollout, `sync_weights` follows every optimizer
   step (the k-th sync sees AdamW's k-th step), and a resume syncs the restored weights. The probe is a real
   NativeEngine registered under its own backend name in `rollout.ENGINES`: nothing of the trainer is mocked.
@@ -15,7 +15,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vzero_fast import rollout
+from vzero_fast import config, rollout
 from vzero_fast.config import parse_overrides, resolve
 from vzero_fast.model import load_policy
 from vzero_fast.rollout import NativeEngine
@@ -92,13 +92,14 @@ def _trainer(cfg, *, resume=False):
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, tiny_model_dir):
     out = tmp_path_factory.mktemp("seams") / "run"
-    cfg = resolve("tiny", None, parse_overrides([
-        "--train.out", str(out), "--model.path", str(tiny_model_dir), "--train.recipe", "toy",
-        "--train.iterations", str(ITERATIONS), "--train.max_steps_per_role", str(STEPS),
-        "--policy.mini_batches", str(MINI_BATCHES), "--train.rollout_backend", "probe"]))
+    args = ["--train.out", str(out), "--model.path", str(tiny_model_dir), "--train.recipe", "toy",
+            "--train.iterations", str(ITERATIONS), "--train.max_steps_per_role", str(STEPS),
+            "--policy.mini_batches", str(MINI_BATCHES), "--rollout.backend", "probe"]
     threads = torch.get_num_threads()
     with pytest.MonkeyPatch.context() as mp:
         mp.setitem(rollout.ENGINES, "probe", Probe)
+        mp.setattr(config, "EXTRA_ROLLOUT_BACKENDS", {"probe"})
+        cfg = resolve("tiny", None, parse_overrides(args))
         try:
             trainer, recipe = _trainer(cfg)
             trainer.run(recipe)
@@ -157,5 +158,19 @@ def test_make_engine_registry():
         assert rollout.make_engine(policy, "probe", seed=3).built == (policy, {"seed": 3})
     with pytest.raises(ValueError, match="unknown rollout backend 'probe'"):
         rollout.make_engine(policy, "probe")
-    with pytest.raises(NotImplementedError, match="vLLM"):
-        rollout.make_engine(policy, "vllm")
+    with pytest.raises(config.ConfigError, match="rollout.backend"):
+        resolve("tiny", None, parse_overrides(["--rollout.backend", "probe"]))
+
+
+def test_backend_without_vllm(caplog):
+    """Where vllm does not import: backend vllm fails with the reason, auto falls back to native and logs why."""
+    from vzero_fast.rollout_vllm import vllm_unavailable
+
+    if vllm_unavailable() is None:
+        pytest.skip("vllm imports here (tests/test_rollout_vllm.py covers the backend)")
+    with pytest.raises(RuntimeError, match="vllm does not import"):
+        rollout.make_engine(object(), "vllm")
+    with caplog.at_level("WARNING", logger="vzero_fast.rollout"):
+        engine = rollout.make_engine(object(), "auto", options=config.RolloutConfig(max_batch_tokens=123))
+    assert type(engine) is rollout.NativeEngine and engine.max_batch_tokens == 123
+    assert "native engine (vllm does not import" in caplog.text

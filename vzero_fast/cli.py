@@ -132,8 +132,8 @@ def _train_config(args: argparse.Namespace, extra: list[str]) -> cfgmod.Config:
 
 
 def preflight(cfg: cfgmod.Config) -> None:
-    """Catch the user's mistakes before anything is built or written: the device, the model directory and
-    the images. Each raises ConfigError with one line naming the flag, the value and what is allowed."""
+    """Catch the user's mistakes before anything is built or written: the device, the rollout backend, the
+    model directory and the images. Each raises ConfigError with one line naming the flag, the value and what is allowed."""
     import torch
 
     from vzero_fast.data import open_images
@@ -142,6 +142,13 @@ def preflight(cfg: cfgmod.Config) -> None:
     if cfg.train.device == "cuda" and not torch.cuda.is_available():
         raise cfgmod.ConfigError("--device cuda: no CUDA device is available here (allowed: auto, cpu, cuda "
                                  "where a GPU is visible)")
+    if cfg.rollout.backend == "vllm":
+        from vzero_fast.rollout_vllm import vllm_unavailable
+
+        reason = vllm_unavailable()
+        if reason is not None:
+            raise cfgmod.ConfigError(f"--rollout.backend vllm: {reason} (install it: pip install -e \".[vllm]\" on CUDA, "
+                                     "scripts/vllm_cpu_env.sh on a CPU; or use --rollout.backend native or auto)")
     if cfg.model.path:
         try:
             check_model_dir(cfg.model.path)

@@ -279,18 +279,57 @@ class TrainConfig:
     """Device: auto (cuda when available), cpu or cuda."""
     cpu_threads: int = 0
     """torch intra-op CPU threads (0 = torch's default, one per core); the tiny preset uses 1."""
-    rollout_backend: str = "native"
-    """Rollout engine of every role (vzero_fast/rollout.py make_engine): native samples with the policy's own weights; vllm is not implemented yet."""
 
     def __post_init__(self) -> None:
         _check(self.cpu_threads >= 0, "train.cpu_threads", ">= 0", self.cpu_threads)
-        _check(bool(self.rollout_backend), "train.rollout_backend", "a backend name (native)", self.rollout_backend)
         _check(self.recipe in RECIPES, "train.recipe", f"one of {RECIPES}", self.recipe)
         _check(self.iterations >= 1, "train.iterations", ">= 1", self.iterations)
         _check(self.max_steps_per_role >= 0, "train.max_steps_per_role", ">= 0", self.max_steps_per_role)
         _check(self.save_every >= 0, "train.save_every", ">= 0", self.save_every)
         _check(self.keep_last >= 1, "train.keep_last", ">= 1", self.keep_last)
         _check(self.device in DEVICES, "train.device", f"one of {DEVICES}", self.device)
+
+
+ROLLOUT_BACKENDS = ("native", "vllm", "auto")
+EXTRA_ROLLOUT_BACKENDS: set[str] = set()
+"""Backends registered at run time (rollout.register_engine: tests' probes)."""
+EAGER = ("auto", "on", "off")
+
+
+@dataclass(kw_only=True)
+class RolloutConfig:
+    """The rollout engine of every role (vzero_fast/rollout.py make_engine; vLLM: vzero_fast/rollout_vllm.py)."""
+
+    backend: str = "native"
+    """native (samples with the policy's own weights), vllm (an in-process vLLM engine per role, weights synced in place after every optimizer step) or auto (vllm where it imports and builds an engine, else native; the choice is logged)."""
+    max_batch_tokens: int = 65536
+    """native: KV-cache budget of one batch in tokens, (longest prompt + longest response) x sequences."""
+    gpu_memory_utilization: float = 0.3
+    """vllm on CUDA: share of the device's memory each engine may take (weights + KV cache); the trainer needs the rest."""
+    max_model_len: int = 4096
+    """vllm: longest prompt + response in tokens an engine accepts."""
+    cpu_kv_cache_gb: float = 1.0
+    """vllm on the CPU: KV cache size per engine in GiB (VLLM_CPU_KVCACHE_SPACE)."""
+    eager: str = "auto"
+    """vllm: on = no CUDA graphs / compilation, off = graphs, auto = off on CUDA, on on the CPU."""
+    sleep_level: int = 1
+    """vllm on CUDA: while its role trains an engine frees its KV cache (1), also its weights (2, reloaded from the policy at wake), or nothing (0). No-ops on the CPU."""
+    max_images_per_prompt: int = 1
+    """vllm: images one prompt may carry (vLLM's limit_mm_per_prompt)."""
+    share_engine: bool = False
+    """vllm: one engine for all roles, loading a role's weights whenever another role's were loaded last (one KV cache and one weight copy instead of one per role; each swap costs a weight sync)."""
+
+    def __post_init__(self) -> None:
+        _check(self.backend in ROLLOUT_BACKENDS or self.backend in EXTRA_ROLLOUT_BACKENDS, "rollout.backend",
+               f"one of {ROLLOUT_BACKENDS}", self.backend)
+        _check(self.max_batch_tokens >= 1, "rollout.max_batch_tokens", ">= 1", self.max_batch_tokens)
+        _check(0 < self.gpu_memory_utilization <= 1, "rollout.gpu_memory_utilization", "in (0, 1]",
+               self.gpu_memory_utilization)
+        _check(self.max_model_len >= 16, "rollout.max_model_len", ">= 16", self.max_model_len)
+        _check(self.cpu_kv_cache_gb > 0, "rollout.cpu_kv_cache_gb", "> 0", self.cpu_kv_cache_gb)
+        _check(self.eager in EAGER, "rollout.eager", f"one of {EAGER}", self.eager)
+        _check(self.sleep_level in (0, 1, 2), "rollout.sleep_level", "0, 1 or 2", self.sleep_level)
+        _check(self.max_images_per_prompt >= 1, "rollout.max_images_per_prompt", ">= 1", self.max_images_per_prompt)
 
 
 FSDP_MODES = ("auto", "on", "off")
@@ -325,6 +364,8 @@ class Config:
     """Unlabeled images."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """Run-level settings."""
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    """Rollout engines."""
     questioner: QuestionerConfig = field(default_factory=QuestionerConfig)
     """V-Zero Questioner role."""
     solver: SolverConfig = field(default_factory=SolverConfig)
@@ -377,6 +418,8 @@ def _vzero(model_size: str) -> dict[str, Any]:
         # A full checkpoint every 20 steps: without save_every only SIGTERM and the run's end write the trainer
         # state, and a crash would lose a whole iteration (~9 h in the paper's setting).
         "train": {"iterations": 2, "out": f"runs/vzero-{model_size}", "save_every": 20},
+        # vLLM where it runs (the Solver's 4096-token answers after a ~1.3K-token image prompt fit in 8192).
+        "rollout": {"backend": "auto", "max_model_len": 8192},
         "questioner": {**shared, "rollout_n": 4, "max_response_tokens": 2048},
         "solver": {**shared, "rollout_n": 5, "max_response_tokens": 4096},
         "vzero": {"reward_votes": 10, "reward_temperature": 1.0, "reward_top_k": 40, "reward_max_tokens": 2048,

@@ -1,8 +1,8 @@
 """Rollout engines: sample n responses per (chat messages + images) request, for GRPO.
 
 `RolloutEngine` is the interface the trainer talks to; `NativeEngine` implements it with the policy's own
-parameters (zero copies, no weight hand-off); the vLLM backend is a later issue. `make_engine` is the one
-place that picks a backend and logs which one runs.
+parameters (zero copies, no weight hand-off); `vzero_fast/rollout_vllm.py` implements it on an in-process
+vLLM engine. `make_engine` is the one place that picks a backend and logs which one runs.
 
 Decisions:
 - One prefill per prompt, n samples decoded from it. The B prompts of a batch are left-padded and
@@ -245,18 +245,52 @@ class RolloutEngine(abc.ABC):
 
 
 ENGINES: dict[str, Any] = {}
-"""Backends besides the built-in native one: name -> factory(policy, **kwargs) -> RolloutEngine. A backend module
-adds itself here (the vLLM backend; tests' probes) and runs are pointed at it with train.rollout_backend."""
+"""Backends besides the built-in native and vllm ones: name -> factory(policy, **kwargs) -> RolloutEngine
+(`register_engine`; tests' probes). Runs are pointed at one with rollout.backend."""
 
 
-def make_engine(policy, backend: str = "native", **kwargs) -> RolloutEngine:
-    """The one place a rollout backend is chosen (the trainer passes train.rollout_backend); logs which runs."""
-    factories = {"native": NativeEngine, **ENGINES}
-    if backend == "vllm" and backend not in factories:
-        raise NotImplementedError("the vLLM rollout backend is not implemented yet (a later issue); use backend='native'")
-    if backend not in factories:
-        raise ValueError(f"unknown rollout backend {backend!r}; expected one of {sorted({*factories, 'vllm'})}")
-    engine = factories[backend](policy, **kwargs)
+def register_engine(name: str, factory) -> None:
+    """Add a backend under `name` (rollout.backend accepts it from now on)."""
+    from vzero_fast.config import EXTRA_ROLLOUT_BACKENDS
+
+    ENGINES[name] = factory
+    EXTRA_ROLLOUT_BACKENDS.add(name)
+
+
+def make_engine(policy, backend: str = "native", *, options=None, **kwargs) -> RolloutEngine:
+    """The one place a rollout backend is chosen and built (the trainer passes rollout.backend and the
+    `rollout` config as `options`); logs which one runs. auto = vllm where it imports and builds an engine,
+    else native, with the reason logged. With rollout.share_engine, `share_with=` another role's vLLM engine
+    gives this role a view of that same engine (rollout_vllm.SharedVLLMEngine)."""
+    if backend == "auto":
+        from vzero_fast.rollout_vllm import vllm_unavailable
+
+        reason = vllm_unavailable()
+        if reason is None:
+            try:
+                return make_engine(policy, "vllm", options=options, **kwargs)
+            except Exception as e:  # noqa: BLE001 - auto falls back on any failure to build, and says why
+                reason = f"building a vLLM engine failed: {type(e).__name__}: {e}"
+        log.warning("rollout.backend auto: native engine (%s)", reason)
+        backend = "native"
+    share_with = kwargs.pop("share_with", None)  # an engine of another role (rollout.share_engine: vLLM only)
+    if backend == "native":
+        if options is not None:
+            kwargs.setdefault("max_batch_tokens", options.max_batch_tokens)
+        engine = NativeEngine(policy, **kwargs)
+    elif backend == "vllm":
+        from vzero_fast.rollout_vllm import SharedVLLMEngine, VLLMEngine
+
+        if isinstance(share_with, SharedVLLMEngine):
+            engine = SharedVLLMEngine(share_with.engine, policy)
+        else:
+            engine = VLLMEngine(policy, options=options, **kwargs)
+            if options is not None and options.share_engine:
+                engine = SharedVLLMEngine(engine, policy)
+    elif backend in ENGINES:
+        engine = ENGINES[backend](policy, **kwargs)
+    else:
+        raise ValueError(f"unknown rollout backend {backend!r}; expected one of {sorted({'native', 'vllm', 'auto', *ENGINES})}")
     log.info("rollout backend: %s", engine.name)
     return engine
 
@@ -365,6 +399,52 @@ def render_messages(policy, messages: list[dict[str, Any]]) -> str:
     return policy.processor.apply_chat_template(plain, add_generation_prompt=True)
 
 
+@dataclass
+class EncodedRequests:
+    """The prompts of a list of requests as the trainer re-scores them: left-padded [N, T] CPU tensors (one
+    processor call), every image's patches concatenated in request order."""
+
+    ids: torch.Tensor  # [N, T] int64
+    mask: torch.Tensor  # [N, T]
+    mm: torch.Tensor  # [N, T] mm_token_type_ids
+    grid: torch.Tensor | None  # [images, 3]
+    pixels: torch.Tensor | None  # [patches, C*t*p*p]
+    prompt_lens: list[int]
+    img_start: list[int]  # request b's images are img_start[b]:img_start[b + 1]
+    patch_start: list[int]  # image i's patches are patch_start[i]:patch_start[i + 1]
+
+    def prompt(self, b: int) -> dict[str, Any]:
+        """RolloutOutput's prompt fields of request b (no padding)."""
+        keep = self.mask[b].bool()
+        i0, i1 = self.img_start[b], self.img_start[b + 1]
+        return dict(prompt_ids=self.ids[b, keep].clone(), mm_token_type_ids=self.mm[b, keep].long(),
+                    pixel_values=self.pixels[self.patch_start[i0]:self.patch_start[i1]] if i1 > i0 else None,
+                    image_grid_thw=self.grid[i0:i1] if i1 > i0 else None)
+
+
+def encode_requests(policy, requests: list[Request]) -> EncodedRequests:
+    """One processor call over the requests' chat texts (`render_messages`) and images, left-padded."""
+    images = [r.images for r in requests]
+    flat = [im for ims in images for im in ims]
+    enc = policy.processor(text=[render_messages(policy, r.messages) for r in requests], images=flat or None,
+                           padding_side="left")  # CPU tensors
+    grid = enc.get("image_grid_thw")
+    img_start = [0]
+    for ims in images:
+        img_start.append(img_start[-1] + len(ims))
+    return EncodedRequests(ids=enc["input_ids"], mask=enc["attention_mask"], mm=enc["mm_token_type_ids"],
+                           grid=grid, pixels=enc.get("pixel_values"), prompt_lens=enc["attention_mask"].sum(1).tolist(),
+                           img_start=img_start,
+                           patch_start=[0] + (grid.prod(-1).cumsum(0).tolist() if grid is not None else []))
+
+
+def request_seeds(requests: list[Request], stream: torch.Generator) -> list[int]:
+    """Each request's seed, fixed before any batching: its own, else the next of the engine's seed stream (drawn
+    in request order, so a run is reproducible from the engine's seed)."""
+    return [r.params.seed if r.params.seed is not None else int(torch.randint(1 << 62, (1,), generator=stream))
+            for r in requests]
+
+
 def _mix_seeds(seeds: list[int | None]) -> int:
     h = 0
     for s in seeds:
@@ -372,7 +452,7 @@ def _mix_seeds(seeds: list[int | None]) -> int:
     return h
 
 
-def _sample_seeds(request_seed: int, n: int) -> list[int]:
+def sample_seeds(request_seed: int, n: int) -> list[int]:
     """The seeds of a request's n samples: sample j depends on (request seed, j) only."""
     return [_mix_seeds([request_seed, j]) for j in range(n)]
 
@@ -417,22 +497,10 @@ class NativeEngine(RolloutEngine):
         start = time.perf_counter()
         policy, model = self.policy, self.policy.model
         proc = policy.processor
-        images = [r.images for r in requests]
-        flat = [im for ims in images for im in ims]
-        enc = proc(text=[render_messages(policy, r.messages) for r in requests], images=flat or None,
-                   padding_side="left")  # CPU tensors
-        ids, mask, mm = enc["input_ids"], enc["attention_mask"], enc["mm_token_type_ids"]  # [N, T] each
-        grid = enc.get("image_grid_thw")  # [images, 3] or None
-        pixels = enc.get("pixel_values")  # [patches, C*t*p*p] or None
-        prompt_lens = mask.sum(1).tolist()
-        img_start = [0]
-        for ims in images:
-            img_start.append(img_start[-1] + len(ims))
-        patch_start = [0] + (grid.prod(-1).cumsum(0).tolist() if grid is not None else [])
-
-        # Each request's seed, fixed before batching: the seed stream is drawn in request order.
-        seeds = [r.params.seed if r.params.seed is not None
-                 else int(torch.randint(1 << 62, (1,), generator=self._seed_stream)) for r in requests]
+        enc = encode_requests(policy, requests)
+        ids, mask, mm, grid, pixels = enc.ids, enc.mask, enc.mm, enc.grid, enc.pixels
+        prompt_lens, img_start, patch_start = enc.prompt_lens, enc.img_start, enc.patch_start
+        seeds = request_seeds(requests, self._seed_stream)
 
         outputs: list[RolloutOutput] = []
         was_training = model.training
@@ -454,9 +522,6 @@ class NativeEngine(RolloutEngine):
                     r = 0
                     for j, req in enumerate(requests[lo:hi]):
                         b = lo + j
-                        keep = mask[b].bool()
-                        ims = slice(img_start[b] - i0, img_start[b + 1] - i0)
-                        has_img = img_start[b + 1] > img_start[b]
                         samples = []
                         for _ in range(req.params.n):
                             n_tok = lengths[r]
@@ -467,11 +532,7 @@ class NativeEngine(RolloutEngine):
                             samples.append(Sample(token_ids=tok, text=text, logprobs=logps[r, :n_tok].clone(),
                                                   finish_reason=FINISH_REASONS[finish[r] - 1]))
                             r += 1
-                        outputs.append(RolloutOutput(
-                            request=req, prompt_ids=ids[b, keep].clone(), mm_token_type_ids=mm[b, keep].long(),
-                            pixel_values=(pixels[patch_start[img_start[b]]:patch_start[img_start[b + 1]]]
-                                          if has_img else None),
-                            image_grid_thw=b_grid[ims] if has_img else None, samples=samples))
+                        outputs.append(RolloutOutput(request=req, samples=samples, **enc.prompt(b)))
         finally:
             model.train(was_training)
         stats.seconds = time.perf_counter() - start
@@ -531,7 +592,7 @@ class NativeEngine(RolloutEngine):
         pad = policy.pad_token_id
         uniforms = None  # [R, S] fp64: row r's uniform for each decode step (see the module docstring)
         if not all_greedy:
-            uniforms = _row_uniforms([s for seed, n in zip(seeds, ns, strict=True) for s in _sample_seeds(seed, n)], S).to(dev)
+            uniforms = _row_uniforms([s for seed, n in zip(seeds, ns, strict=True) for s in sample_seeds(seed, n)], S).to(dev)
 
         # Prefill: the vision tower runs here, once per image of the B prompts.
         t0 = time.perf_counter()

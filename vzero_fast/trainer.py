@@ -146,7 +146,9 @@ class Trainer:
 
     def add_role(self, name: str, role_cfg: RoleConfig) -> Role:
         policy = self.load_policy(name=name)
-        engine = make_engine(policy, self.cfg.train.rollout_backend)  # the one place engines come from
+        shared = next(iter(self.roles.values())).engine if self.roles and self.cfg.rollout.share_engine else None
+        engine = make_engine(policy, self.cfg.rollout.backend, options=self.cfg.rollout,  # the one place engines come from
+                             seed=self.cfg.train.seed, **({"share_with": shared} if shared is not None else {}))
         role = Role(name=name, policy=policy, cfg=role_cfg, engine=engine, master_weights=self.cfg.model.master_weights)
         self.roles[name] = role
         return role
@@ -276,10 +278,12 @@ class Trainer:
             self._bar.update(1)
         total = self._stage_total
         # One line per step, terminal or not (a cluster job's log has no bar); a terminal's bar stays below.
-        log.info("%s iter %d step %d/%s: reward %s, loss %s, kl %s, %s s, %s tok/s", role.name,
+        sync = row.get("weight_sync_gbps")  # engines that hold their own weights (vLLM)
+        log.info("%s iter %d step %d/%s: reward %s, loss %s, kl %s, %s s, %s tok/s%s", role.name,
                  self.state["iteration"], self.state["stage_step"], total if total is not None else "?",
                  _fmt(row.get("reward_mean"), ".3f"), _fmt(row.get("loss"), ".4f"), _fmt(row.get("kl"), ".2e"),
-                 _fmt(row.get("time_total"), ".1f"), _fmt(row.get("rollout_tokens_per_s"), ".0f"))
+                 _fmt(row.get("time_total"), ".1f"), _fmt(row.get("rollout_tokens_per_s"), ".0f"),
+                 f", weight sync {row.get('time_weight_sync', 0.0):.2f} s ({sync:.2f} GB/s)" if sync is not None else "")
         dist.die_for_test(self.state["global_step"])
         kill_point("step")
         # A signal may reach the ranks during different steps: stop when any rank has seen one.
