@@ -86,7 +86,7 @@ MUTANTS = [
            "", ("tests/test_trainer_seams.py::test_engines_come_from_make_engine_and_follow_the_updates",),
            "an engine with its own weights (vLLM) would keep sampling from the old policy"),
     Mutant("seam-never-wakes", "vzero_fast/grpo.py",
-           "            finally:\n                self.engine.wake()", "            finally:\n                pass",
+           "                    self.engine.wake()\n", "                    pass\n",
            ("tests/test_trainer_seams.py::test_engines_come_from_make_engine_and_follow_the_updates",),
            "the engine sleeps after the first update and is asked to generate asleep"),
     # ------------------------------------------------------------------------------------- trainer.py
