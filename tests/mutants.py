@@ -89,6 +89,11 @@ MUTANTS = [
            "                    self.engine.wake()\n", "                    pass\n",
            ("tests/test_trainer_seams.py::test_engines_come_from_make_engine_and_follow_the_updates",),
            "the engine sleeps after the first update and is asked to generate asleep"),
+    Mutant("vllm-level2-wake-keeps-nothing", "vzero_fast/rollout_vllm.py",
+           "        if self._pending or (self.on_cuda and self.options.sleep_level == 2):",
+           "        if self._pending:",
+           ("tests/test_vllm_sleep.py",),
+           "after a level-2 sleep (weights discarded) and no step, wake leaves the engine without weights"),
     # ------------------------------------------------------------------------------------- trainer.py
     Mutant("trainer-reference-always-base", "vzero_fast/trainer.py",
            'return self.model_path if iteration == 1 else self.ckpt.root / role / f"iter-{iteration - 1}"',

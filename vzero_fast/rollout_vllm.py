@@ -262,10 +262,10 @@ class VLLMEngine(RolloutEngine):
 
     # -- generate ----------------------------------------------------------------------------------------
     def generate(self, requests: list[Request]) -> list[RolloutOutput]:
-        from vllm import SamplingParams as VParams
-
         if self.asleep:
             raise RuntimeError("generate() on a sleeping vLLM engine: call wake() first")
+        from vllm import SamplingParams as VParams
+
         self.stats = stats = EngineStats(requests=len(requests))
         if not requests:
             return []
