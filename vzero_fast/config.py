@@ -418,8 +418,10 @@ def _vzero(model_size: str) -> dict[str, Any]:
         # A full checkpoint every 20 steps: without save_every only SIGTERM and the run's end write the trainer
         # state, and a crash would lose a whole iteration (~9 h in the paper's setting).
         "train": {"iterations": 2, "out": f"runs/vzero-{model_size}", "save_every": 20},
-        # vLLM where it runs (the Solver's 4096-token answers after a ~1.3K-token image prompt fit in 8192).
-        "rollout": {"backend": "auto", "max_model_len": 8192},
+        # vLLM where it runs (the Solver's 4096-token answers after a ~1.3K-token image prompt fit in 8192), one
+        # engine for both roles (one bf16 weight copy and KV cache; a swap is a sync) in a quarter of the GPU:
+        # the training role needs the rest (README, Memory; estimates, not measured on a GPU).
+        "rollout": {"backend": "auto", "max_model_len": 8192, "share_engine": True, "gpu_memory_utilization": 0.25},
         "questioner": {**shared, "rollout_n": 4, "max_response_tokens": 2048},
         "solver": {**shared, "rollout_n": 5, "max_response_tokens": 4096},
         "vzero": {"reward_votes": 10, "reward_temperature": 1.0, "reward_top_k": 40, "reward_max_tokens": 2048,
