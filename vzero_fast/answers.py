@@ -61,9 +61,9 @@ def _unwrap_text(s: str) -> str:
     return s
 
 
-def extract_boxed(text: str | None) -> str | None:
-    """Content of the last `\\boxed{...}` (nested braces allowed, `\\text{..}` unwrapped, stripped); None
-    when there is no `\\boxed{` or the last one is not closed."""
+def extract_boxed(text: str | None, *, unwrap_text: bool = True) -> str | None:
+    """Content of the last `\\boxed{...}` (nested braces allowed, `\\text{..}` unwrapped unless
+    unwrap_text=False, stripped); None when there is no `\\boxed{` or the last one is not closed."""
     if not text:
         return None
     last = None
@@ -74,7 +74,8 @@ def extract_boxed(text: str | None) -> str | None:
     end = _closing_brace(text, last.end())
     if end < 0:
         return None
-    return _unwrap_text(text[last.end():end]).strip()
+    content = text[last.end():end]
+    return (_unwrap_text(content) if unwrap_text else content).strip()
 
 
 def normalize_choice(s: str | None) -> str | None:

@@ -44,7 +44,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 ATTN = ("auto", "sdpa", "flash_attention_2", "eager")
 KL_TYPES = ("k1", "k2", "k3")
 LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
-ADVANTAGES = ("grpo", "drgrpo")
+ADVANTAGES = ("grpo", "drgrpo", "group-softmax")
 RECIPES = ("vzero", "toy")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -133,7 +133,7 @@ class RoleConfig:
     agg_norm: float = 0.0
     """Divisor of seq-mean-token-sum-norm (0 = max_response_tokens)."""
     advantage: str = "grpo"
-    """Group advantage: grpo ((r - mean) / (std + 1e-6)) or drgrpo (r - mean)."""
+    """Group advantage: grpo ((r - mean) / (std + 1e-6)), drgrpo (r - mean) or group-softmax (Self-Judge: log-softmax of the group's rewards, centred)."""
     drop_zero_variance: bool = False
     """Train only on groups whose rewards differ (dynamic filtering): a zero-variance group has advantage 0 but its tokens count in the token-mean divisor."""
     mini_batches: int = 2

@@ -67,18 +67,24 @@ RewardFn = Callable[[list[RolloutOutput]], torch.Tensor]
 
 # ------------------------------------------------------------------------------- advantages and filters
 
-def group_advantages(rewards: torch.Tensor, *, kind: str = "grpo", eps: float = 1e-6) -> torch.Tensor:
-    """[G, n] rewards -> [G, n] advantages (ALGORITHMS.md section 0).
+def group_advantages(rewards: torch.Tensor, *, kind: str = "grpo", eps: float = 1e-6, beta: float = 1.0) -> torch.Tensor:
+    """[G, n] rewards -> [G, n] advantages (ALGORITHMS.md sections 0 and 3).
 
     grpo: (r - mean) / (std + eps) with the unbiased std; a group of one gets std := 1.
     drgrpo: r - mean. Zero-variance groups give 0 either way.
+    group-softmax (Self-Judge): a~ = beta r - logsumexp_j(beta r_j), A = a~ - mean(a~), no std division
+    (equal to beta (r - mean r)); a group of one gets 0.
     """
     rewards = rewards.to(torch.float32)
+    if kind == "group-softmax":
+        logits = beta * rewards
+        a = logits - logits.logsumexp(dim=1, keepdim=True)  # [G, n] log-softmax over the group
+        return a - a.mean(dim=1, keepdim=True)
     centred = rewards - rewards.mean(dim=1, keepdim=True)  # [G, n]
     if kind == "drgrpo":
         return centred
     if kind != "grpo":
-        raise ValueError(f"advantage kind must be 'grpo' or 'drgrpo', got {kind!r}")
+        raise ValueError(f"advantage kind must be 'grpo', 'drgrpo' or 'group-softmax', got {kind!r}")
     if rewards.shape[1] == 1:
         return centred / (1.0 + eps)
     return centred / (rewards.std(dim=1, unbiased=True, keepdim=True) + eps)
