@@ -7,9 +7,9 @@ without (must raise before any collective). Prints one JSON line per rank:
 Usage: torchrun --standalone --nproc_per_node=2 tests/_fsdp_unused_worker.py MODEL_DIR
 """
 
-import json
 import sys
 
+from _fsdp_worker import finish  # the same directory: torchrun runs this file as a script
 from torch.distributed.fsdp import FSDPModule
 
 from vzero_fast import distributed as dist
@@ -34,12 +34,7 @@ def main(model_dir: str) -> None:
         error = ""
     except RuntimeError as exc:
         error = str(exc)
-    # One write per line (see tests/_fsdp_worker.py): the ranks share torchrun's stdout.
-    sys.stdout.write(json.dumps({"rank": world.rank, "image_pass_grad_norm": float(norm),
-                                 "text_only_error": error}) + "\n")
-    sys.stdout.flush()
-    dist.shutdown()  # a barrier, then the group is destroyed
-    dist.end_process(0)  # no interpreter finalization under torchrun (vzero_fast/distributed.py)
+    finish({"rank": world.rank, "image_pass_grad_norm": float(norm), "text_only_error": error})
 
 
 if __name__ == "__main__":

@@ -68,13 +68,17 @@ def main(model_dir: str) -> None:
     equal = (set(got) <= set(want) and {n for n, _ in plain.named_parameters()} <= set(got)
              and all(got[n].dtype == torch.bfloat16 and torch.equal(got[n], want[n].to(torch.bfloat16)) for n in got))
     stream_sharded = all(isinstance(p, DTensor) for p in policy.model.parameters())
+    finish({"rank": world.rank, "all_gathers": len(calls), "groups": groups,
+            "decode_steps": engine.stats.decode_steps, "sharded_after": sharded, "stream_equal": equal,
+            "stream_tensors": len(got), "stream_max_unsharded": most_unsharded,
+            "stream_sharded_after": stream_sharded})
+
+
+def finish(row: dict) -> None:
+    """Print this rank's JSON line and end the rank the way the trainer does."""
     # One write per line: the ranks share torchrun's stdout, and print() writes the text and the newline
     # separately (unbuffered under PYTHONUNBUFFERED), so two ranks' lines could interleave.
-    sys.stdout.write(json.dumps({"rank": world.rank, "all_gathers": len(calls), "groups": groups,
-                                 "decode_steps": engine.stats.decode_steps, "sharded_after": sharded,
-                                 "stream_equal": equal, "stream_tensors": len(got),
-                                 "stream_max_unsharded": most_unsharded,
-                                 "stream_sharded_after": stream_sharded}) + "\n")
+    sys.stdout.write(json.dumps(row) + "\n")
     sys.stdout.flush()
     dist.shutdown()  # a barrier, then the group is destroyed
     dist.end_process(0)  # no interpreter finalization under torchrun (vzero_fast/distributed.py)

@@ -25,7 +25,7 @@ from vzero_fast.checkpoint import save_model_dir  # noqa: E402
 from vzero_fast.data import synthetic_figure  # noqa: E402
 from vzero_fast.grpo import SampleBatch, collate, token_logprobs  # noqa: E402
 from vzero_fast.model import forward_hidden, load_policy  # noqa: E402
-from vzero_fast.rollout import NativeEngine, Request, SamplingParams  # noqa: E402
+from vzero_fast.rollout import NativeEngine, Request, SamplingParams, render_messages  # noqa: E402
 from vzero_fast.rollout_vllm import VLLMEngine, weight_stream  # noqa: E402
 
 pytest_plugins = ["_tiny_fixture"]
@@ -114,7 +114,7 @@ def test_prompt_is_the_one_the_trainer_rescores(policy, engine, images):
     reqs = _requests(images, max_new_tokens=2, temperature=0)
     outs = engine.generate(reqs)
     for req, o in zip(reqs, outs, strict=True):
-        text = rollout_vllm.render_messages(policy, req.messages)
+        text = render_messages(policy, req.messages)
         enc = policy.processor(text=[text], images=req.images)
         assert o.prompt_ids.tolist() == enc["input_ids"][0].tolist()
         assert torch.equal(o.pixel_values, enc["pixel_values"]) and torch.equal(o.image_grid_thw, enc["image_grid_thw"])
@@ -184,7 +184,7 @@ def _greedy(llm_or_engine, images, policy):
         return [s.token_ids.tolist() for o in outs for s in o.samples], [s.logprobs for o in outs for s in o.samples]
     from vllm import SamplingParams as VParams
 
-    prompts = [{"prompt": rollout_vllm.render_messages(policy, r.messages), "multi_modal_data": {"image": r.images}}
+    prompts = [{"prompt": render_messages(policy, r.messages), "multi_modal_data": {"image": r.images}}
                for r in _requests(images)]
     bias = {t: float("-inf") for t in policy.vision_token_ids}
     res = llm_or_engine.generate(prompts, VParams(temperature=0, max_tokens=12, logprobs=0, logit_bias=bias),

@@ -98,7 +98,6 @@ def run(tmp_path_factory, tiny_model_dir):
     threads = torch.get_num_threads()
     with pytest.MonkeyPatch.context() as mp:
         mp.setitem(rollout.ENGINES, "probe", Probe)
-        mp.setattr(config, "EXTRA_ROLLOUT_BACKENDS", {"probe"})
         cfg = resolve("tiny", None, parse_overrides(args))
         try:
             trainer, recipe = _trainer(cfg)

@@ -291,8 +291,13 @@ class TrainConfig:
 
 
 ROLLOUT_BACKENDS = ("native", "vllm", "auto")
-EXTRA_ROLLOUT_BACKENDS: set[str] = set()
-"""Backends registered at run time (rollout.register_engine: tests' probes)."""
+
+
+def _registered_backend(name: str) -> bool:
+    """A backend added to rollout.ENGINES at run time (tests' probes); imported only for such a name."""
+    from vzero_fast.rollout import ENGINES
+
+    return name in ENGINES
 EAGER = ("auto", "on", "off")
 
 
@@ -320,7 +325,7 @@ class RolloutConfig:
     """vllm: one engine for all roles, loading a role's weights whenever another role's were loaded last (one KV cache and one weight copy instead of one per role; each swap costs a weight sync)."""
 
     def __post_init__(self) -> None:
-        _check(self.backend in ROLLOUT_BACKENDS or self.backend in EXTRA_ROLLOUT_BACKENDS, "rollout.backend",
+        _check(self.backend in ROLLOUT_BACKENDS or _registered_backend(self.backend), "rollout.backend",
                f"one of {ROLLOUT_BACKENDS}", self.backend)
         _check(self.max_batch_tokens >= 1, "rollout.max_batch_tokens", ">= 1", self.max_batch_tokens)
         _check(0 < self.gpu_memory_utilization <= 1, "rollout.gpu_memory_utilization", "in (0, 1]",

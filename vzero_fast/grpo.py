@@ -311,14 +311,14 @@ class Role:
         }
         if n_kept > 0:  # every rank trains (possibly on no local group: FSDP passes are collective)
             batch = SampleBatch.from_outputs(kept, adv[keep])
-            syncs = getattr(self.engine, "syncs", None)  # engines that copy weights count their loads
+            syncs = self.engine.syncs  # engines that hold their own weights count their loads
             self.engine.sleep()  # the updates get the device memory the engine held
             try:
                 metrics.update(self.train_on(batch, timer=timer))
             finally:
                 with timer("weight_sync"):  # an engine that holds its own weights loads the step's last sync here
                     self.engine.wake()
-            if syncs is not None and self.engine.syncs != syncs:
+            if self.engine.syncs != syncs:
                 metrics["weight_sync_gbps"] = torch.tensor(self.engine.last_sync["gbps"])
         self.step += 1
         return metrics

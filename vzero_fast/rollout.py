@@ -220,6 +220,11 @@ class RolloutEngine(abc.ABC):
     """Generates responses for requests; `stats` describes the last call."""
 
     name: str = "?"
+    syncs: int = 0
+    """Weight loads so far: an engine that holds its own copy of the weights counts them (the native one never
+    copies, so never loads)."""
+    last_sync: dict[str, float] = {}  # read-only default: loading engines set their own
+    """seconds, bytes and gbps of the last load."""
 
     def __init__(self):
         self.stats = EngineStats()
@@ -245,16 +250,8 @@ class RolloutEngine(abc.ABC):
 
 
 ENGINES: dict[str, Any] = {}
-"""Backends besides the built-in native and vllm ones: name -> factory(policy, **kwargs) -> RolloutEngine
-(`register_engine`; tests' probes). Runs are pointed at one with rollout.backend."""
-
-
-def register_engine(name: str, factory) -> None:
-    """Add a backend under `name` (rollout.backend accepts it from now on)."""
-    from vzero_fast.config import EXTRA_ROLLOUT_BACKENDS
-
-    ENGINES[name] = factory
-    EXTRA_ROLLOUT_BACKENDS.add(name)
+"""Backends besides the built-in native and vllm ones: name -> factory(policy, **kwargs) -> RolloutEngine (tests'
+probes). rollout.backend accepts a name once it is here."""
 
 
 def make_engine(policy, backend: str = "native", *, options=None, **kwargs) -> RolloutEngine:
@@ -404,6 +401,7 @@ class EncodedRequests:
     """The prompts of a list of requests as the trainer re-scores them: left-padded [N, T] CPU tensors (one
     processor call), every image's patches concatenated in request order."""
 
+    texts: list[str]  # each request's chat text (`render_messages`)
     ids: torch.Tensor  # [N, T] int64
     mask: torch.Tensor  # [N, T]
     mm: torch.Tensor  # [N, T] mm_token_type_ids
@@ -426,13 +424,13 @@ def encode_requests(policy, requests: list[Request]) -> EncodedRequests:
     """One processor call over the requests' chat texts (`render_messages`) and images, left-padded."""
     images = [r.images for r in requests]
     flat = [im for ims in images for im in ims]
-    enc = policy.processor(text=[render_messages(policy, r.messages) for r in requests], images=flat or None,
-                           padding_side="left")  # CPU tensors
+    texts = [render_messages(policy, r.messages) for r in requests]
+    enc = policy.processor(text=texts, images=flat or None, padding_side="left")  # CPU tensors
     grid = enc.get("image_grid_thw")
     img_start = [0]
     for ims in images:
         img_start.append(img_start[-1] + len(ims))
-    return EncodedRequests(ids=enc["input_ids"], mask=enc["attention_mask"], mm=enc["mm_token_type_ids"],
+    return EncodedRequests(texts=texts, ids=enc["input_ids"], mask=enc["attention_mask"], mm=enc["mm_token_type_ids"],
                            grid=grid, pixels=enc.get("pixel_values"), prompt_lens=enc["attention_mask"].sum(1).tolist(),
                            img_start=img_start,
                            patch_start=[0] + (grid.prod(-1).cumsum(0).tolist() if grid is not None else []))

@@ -66,14 +66,13 @@ import torch
 
 from vzero_fast import distributed as dist
 from vzero_fast.rollout import (
-    FINISH_REASONS,
     EngineStats,
     Request,
     RolloutEngine,
     RolloutOutput,
     Sample,
+    _as_list,
     encode_requests,
-    render_messages,
     request_seeds,
     sample_seeds,
 )
@@ -131,7 +130,7 @@ def weight_stream(model: torch.nn.Module, dtype: torch.dtype | None = None) -> I
         try:
             for name, t in unit.named_parameters(prefix=unit_name):
                 if not any(name.startswith(p + ".") for p in inner):
-                    yield name, cast(t.full_tensor() if hasattr(t, "full_tensor") else t)
+                    yield name, cast(t)
         finally:
             unit.reshard()
     for name, t in model.named_buffers():
@@ -179,8 +178,7 @@ class VLLMEngine(RolloutEngine):
         eager = opts.eager == "on" or (opts.eager == "auto" and not self.on_cuda)
         vision = policy.vision_token_ids
         self._bias = {int(t): float("-inf") for t in vision}
-        self._eos = [int(t) for t in (policy.eos_token_id if isinstance(policy.eos_token_id, (list, tuple))
-                                      else [policy.eos_token_id])]
+        self._eos = [int(t) for t in _as_list(policy.eos_token_id)]
         start = time.perf_counter()
         from vllm import LLM
 
@@ -273,9 +271,9 @@ class VLLMEngine(RolloutEngine):
         enc = encode_requests(self.policy, requests)
         seeds = request_seeds(requests, self._seed_stream)
         prompts, params = [], []
-        for req, seed in zip(requests, seeds, strict=True):
+        for req, text, seed in zip(requests, enc.texts, seeds, strict=True):
             p = req.params
-            prompt = {"prompt": render_messages(self.policy, req.messages)}
+            prompt = {"prompt": text}
             if req.images:
                 prompt["multi_modal_data"] = {"image": req.images}
             bias = dict(self._bias)
@@ -372,7 +370,6 @@ def _sample(out) -> Sample:
         reason = "stop"
     else:
         reason = "eos"
-    assert reason in FINISH_REASONS
     return Sample(token_ids=torch.tensor(tokens, dtype=torch.long), text=out.text,
                   logprobs=torch.tensor(logprobs, dtype=torch.float32), finish_reason=reason)
 

@@ -148,7 +148,7 @@ class Trainer:
         policy = self.load_policy(name=name)
         shared = next(iter(self.roles.values())).engine if self.roles and self.cfg.rollout.share_engine else None
         engine = make_engine(policy, self.cfg.rollout.backend, options=self.cfg.rollout,  # the one place engines come from
-                             seed=self.cfg.train.seed, **({"share_with": shared} if shared is not None else {}))
+                             seed=self.cfg.train.seed, share_with=shared)
         role = Role(name=name, policy=policy, cfg=role_cfg, engine=engine, master_weights=self.cfg.model.master_weights)
         self.roles[name] = role
         return role
