@@ -1,8 +1,9 @@
 """One GRPO step of the tiny Qwen2.5-VL on CPU, with its time breakdown, and rollout tokens/s of the native
 engine beside plain `transformers.generate` on the same prompts.
 
-Run:  pytest benchmarks/bench_step.py --benchmark-only     (pytest-benchmark timings)
-      python benchmarks/bench_step.py                       (the breakdown table; last line is one JSON object)
+Run:  vzero-fast bench step [--steps 3] [--smoke] [--out FILE.json]   (= python benchmarks/bench_step.py: the
+      breakdown table; the last line is one JSON object)
+      pytest benchmarks/bench_step.py --benchmark-only     (pytest-benchmark timings)
 
 Shapes: 4 prompts (synthetic 112x112 figures, ~60 prompt tokens each) x n=8 samples x 16 new tokens, fixed
 length (eos suppressed so every sample runs to the limit), fp32, AdamW, kl 0.01 with a frozen reference,
@@ -12,9 +13,9 @@ length (eos suppressed so every sample runs to the limit), fp32, AdamW, kl 0.01 
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -112,15 +113,32 @@ def test_bench_native_rollout(benchmark):
         benchmark.pedantic(lambda: role.engine.generate(_requests(images, next(counter))), rounds=3, warmup_rounds=1)
 
 
-if __name__ == "__main__":
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description="one GRPO step of the tiny model, and native rollout vs generate")
+    parser.add_argument("--steps", type=int, default=3, help="timed GRPO steps (after one warm-up)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed rollout rounds per engine")
+    parser.add_argument("--smoke", action="store_true", help="1 step, 1 rollout round, 2 prompts x 2 x 4 tokens")
+    parser.add_argument("--out", default=None, help="also write the JSON result here")
+    args = parser.parse_args(argv)
+    steps, repeats = (1, 1) if args.smoke else (args.steps, args.repeats)
+    if args.smoke:  # the command runs end to end in seconds; the figures mean nothing
+        global PROMPTS, N, NEW_TOKENS
+        PROMPTS, N, NEW_TOKENS = 2, 2, 4
     torch.manual_seed(0)
-    step = grpo_step_breakdown()
-    gen = rollout_vs_hf()
+    step = grpo_step_breakdown(steps)
+    gen = rollout_vs_hf(repeats)
     print(f"threads={torch.get_num_threads()} prompts={PROMPTS} n={N} new_tokens={NEW_TOKENS}")
     print("| stage | median s |\n|---|---|")
     for k in ("time_rollout", "time_reward", "time_logprob", "time_train", "wall_s"):
         print(f"| {k} | {step[k]:.3f} |")
     print(f"native engine {gen['native_tokens_per_s']:.0f} tok/s vs transformers.generate "
           f"{gen['hf_generate_tokens_per_s']:.0f} tok/s")
-    print(json.dumps({"step": step, "rollout": gen}))
-    sys.exit(0)
+    line = json.dumps({"bench": "step", "steps": steps, "step": step, "rollout": gen})
+    if args.out:
+        Path(args.out).write_text(line + "\n")
+    print(line)
+    return {"step": step, "rollout": gen}
+
+
+if __name__ == "__main__":
+    main()

@@ -196,6 +196,26 @@ def test_two_ranks_equal_one_process(tiny_model_dir, one_process_run, dying_run)
 
 
 @pytest.mark.slow
+def test_two_ranks_equal_one_process_qwen3_5(tmp_path):
+    """The hybrid Qwen3.5 (DeltaNet layers with their own parameter kinds: A_log, dt_bias, conv1d) under FSDP2:
+    2 ranks equal one process, and the sharded checkpoint loads in transformers with the saved weights."""
+    from vzero_fast.model import model_class
+    from vzero_fast.tiny import build_tiny
+
+    model_dir = build_tiny(tmp_path / "tiny", seed=0, family="qwen3_5")
+    one, two = tmp_path / "one", tmp_path / "two"
+    args = [*TOY, "--model", str(model_dir), "--iterations", "1"]
+    _run([*_one(), *args, "--out", str(one)])
+    _run([*_torchrun(), *args, "--out", str(two)])
+    _assert_rows_close(read_metrics(two), read_metrics(one))
+    base = load_file(model_dir / "model.safetensors")
+    _assert_weights_close(_weights(two, "iter-1"), _weights(one, "iter-1"), base)
+    hf = model_class("qwen3_5").from_pretrained(two / "checkpoints" / "policy" / "iter-1", dtype=torch.float32)
+    for k, v in _weights(two, "iter-1").items():
+        assert torch.equal(hf.state_dict()[k], v), k
+
+
+@pytest.mark.slow
 def test_dying_rank_fails_the_run_quickly(dying_run):
     """Rank 0 must not wait for the dead rank: a clear error and a non-zero exit within seconds. The
     checkpoint of step 2 (the last complete one) stays usable."""

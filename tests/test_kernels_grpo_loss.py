@@ -122,6 +122,37 @@ def test_policy_and_advantage_shapes(backend, on_policy, adv_2d):
 
 
 @pytest.mark.parametrize("loss_agg", LOSS_AGGS)
+@pytest.mark.parametrize("backend", [*BACKENDS, "reference"])
+def test_per_token_advantages_broadcast_parity(backend, loss_agg):
+    """A [B] advantage and the same values materialised as a contiguous [B, T] tensor (V-Zero-OPD's per-token
+    advantages) give the same loss, metrics and gradient, in every backend; the masked tail of the [B, T]
+    copy holds garbage that must not matter. Then a [B, T] advantage that differs from its row's value at
+    ONE token changes that token's gradient and no other: the kernel reads advantages per token."""
+    logp, old, ref, adv, mask = _batch(seed=11, spread=1.0)
+    B, T = mask.shape
+    adv_bt = adv[:, None].expand(B, T).clone()  # [B, T] contiguous, stride (T, 1)
+    adv_bt[~mask] = float("nan")
+    kw = dict(old_logprobs=old, ref_logprobs=ref, kl_coef=0.1, clip_c=3.0, loss_agg=loss_agg, agg_norm=40.0)
+    fn = grpo_loss_reference if backend == "reference" else grpo_loss
+    dtype = torch.float64 if backend == "reference" else torch.float32
+    device = "cpu" if backend == "reference" else _device(backend)
+    with force_backend(None if backend == "reference" else backend):
+        per_seq = _run(fn, logp, adv, mask, dtype=dtype, device=device, **kw)
+        per_tok = _run(fn, logp, torch.where(mask, adv_bt, 0.0) if backend == "reference" else adv_bt, mask,
+                       dtype=dtype, device=device, **kw)
+        bumped = adv_bt.clone()
+        bumped[1, 3] += 2.0  # row 1 has 20 tokens: token 3 is valid
+        one = _run(fn, logp, torch.where(mask, bumped, 0.0) if backend == "reference" else bumped, mask,
+                   dtype=dtype, device=device, **kw)
+    torch.testing.assert_close(per_tok[0], per_seq[0], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(per_tok[2], per_seq[2], rtol=1e-6, atol=1e-7)
+    for k in METRICS:
+        torch.testing.assert_close(per_tok[1][k].double(), per_seq[1][k].double(), rtol=1e-6, atol=1e-7)
+    changed = (one[2] != per_seq[2]).nonzero().tolist()
+    assert changed == [[1, 3]], changed
+
+
+@pytest.mark.parametrize("loss_agg", LOSS_AGGS)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_empty_rows_and_empty_batch(backend, loss_agg):
     """An all-masked row contributes nothing; an all-masked batch gives loss 0 and zero gradients."""

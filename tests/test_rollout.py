@@ -11,10 +11,11 @@ import warnings
 
 import pytest
 import torch
+from _engine_ref import forward_logprob_gap
 from transformers import GenerationConfig
 
 from vzero_fast.data import synthetic_figure
-from vzero_fast.model import encode_prompts, forward_hidden
+from vzero_fast.model import encode_prompts
 from vzero_fast.rollout import (
     NativeEngine,
     Request,
@@ -91,26 +92,7 @@ def test_logprobs_equal_training_forward(tiny_policy, engine, images):
     reqs = [Request.from_image_text(im, t, SamplingParams(n=3, temperature=temperature, max_new_tokens=m, seed=5))
             for im, t, m in zip(images, TEXTS, (4, 11), strict=True)]  # ragged: the first 3 rows finish early (compaction)
     outs = engine.generate(reqs)
-    weight = tiny_policy.lm_head_weight.double()  # [V, H]
-    gap = 0.0
-    for o in outs:
-        n, p = len(o.samples), len(o.prompt_ids)
-        length = max(len(s.token_ids) for s in o.samples)
-        ids = torch.full((n, p + length), tiny_policy.pad_token_id)  # right-padded responses
-        mask = torch.zeros(n, p + length, dtype=torch.long)
-        for i, s in enumerate(o.samples):
-            ids[i, :p], ids[i, p:p + len(s.token_ids)] = o.prompt_ids, s.token_ids
-            mask[i, :p + len(s.token_ids)] = 1
-        mm = torch.zeros_like(ids)
-        mm[:, :p] = o.mm_token_type_ids
-        with torch.no_grad():
-            hidden = forward_hidden(tiny_policy, input_ids=ids, attention_mask=mask, mm_token_type_ids=mm,
-                                    pixel_values=torch.cat([o.pixel_values] * n),
-                                    image_grid_thw=o.image_grid_thw.repeat(n, 1))  # [n, p + L, H]
-        ref = torch.log_softmax(hidden.double()[:, p - 1:-1] @ weight.T / temperature, -1)  # [n, L, V]
-        for i, s in enumerate(o.samples):
-            want = ref[i, :len(s.token_ids)].gather(-1, s.token_ids[:, None])[:, 0]
-            gap = max(gap, (s.logprobs.double() - want).abs().max().item())
+    gap = forward_logprob_gap(tiny_policy, outs, temperature)
     print(f"logprob_diff (native decode vs training forward, fp32): {gap:.2e}")
     assert [len(s.token_ids) for o in outs for s in o.samples] == [4] * 3 + [11] * 3
     assert gap < LOGPROB_TOL

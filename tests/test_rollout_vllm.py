@@ -20,6 +20,8 @@ from vzero_fast.rollout_vllm import vllm_unavailable
 if vllm_unavailable() is not None:
     pytest.skip(f"vLLM backend tests: {vllm_unavailable()}", allow_module_level=True)
 
+from _engine_ref import trainer_logprobs  # noqa: E402
+
 from vzero_fast import rollout_vllm  # noqa: E402
 from vzero_fast.checkpoint import save_model_dir  # noqa: E402
 from vzero_fast.data import synthetic_figure  # noqa: E402
@@ -61,15 +63,6 @@ def _tokens(outputs):
     return [s.token_ids.tolist() for o in outputs for s in o.samples]
 
 
-def _trainer_logprobs(policy, outputs, temperature):
-    """The trainer's own log-probs of the sampled tokens (collate + token_logprobs), per sample."""
-    batch = SampleBatch.from_outputs(outputs, torch.zeros(sum(len(o.samples) for o in outputs)))
-    mb = collate(batch, list(range(len(batch))), policy, batch.max_response)
-    with torch.no_grad():
-        lp = token_logprobs(policy, policy.lm_head_weight, mb, temperature)  # [B, R]
-    return [lp[i, :len(r)] for i, r in enumerate(batch.response_ids)]
-
-
 def _float64_logprobs(policy, out, temperature):
     """log_softmax(raw / T) in float64 from the training forward's hidden states, one sample at a time."""
     ref = []
@@ -95,7 +88,7 @@ def test_logprobs_are_the_trainers(policy, engine, images, temperature):
     trainer's forward, and against a float64 reference."""
     outs = engine.generate(_requests(images, n=3, temperature=temperature, max_new_tokens=12, seed=5))
     assert [len(o.samples) for o in outs] == [3, 3]
-    trainer = _trainer_logprobs(policy, outs, temperature)
+    trainer = trainer_logprobs(policy, outs, temperature)
     samples = [s for o in outs for s in o.samples]
     diff = max((s.logprobs - t).abs().max().item() for s, t in zip(samples, trainer, strict=True))
     ref = [r for o in outs for r in _float64_logprobs(policy, o, temperature)]

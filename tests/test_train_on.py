@@ -174,3 +174,60 @@ def test_accumulate_dual_clip_kl_gradients(tiny_model_dir, batch, reference_mode
     for name in want:
         torch.testing.assert_close(got[name].double(), want[name].double(), rtol=1e-4, atol=1e-7,
                                    msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("mode", ["per-token", "current-logp"])
+def test_per_token_advantages_gradients(tiny_model_dir, batch, reference_model, mode):
+    """Advantages per token: a [B, R] tensor in the batch, or (V-Zero-OPD) a function of the CURRENT log-probs
+    that each micro-batch calls (`token_advantages`; the sampler's log-probs are shifted by 1 so that reading
+    them instead shows). On-policy token-mean: the loss is -sum_t A_t / tokens and the gradient
+    -sum_t A_t d log p_t / tokens, against the reference's own forward (A_t from its log-probs)."""
+    work = _fresh(batch)
+    R = work.max_response
+    g = torch.Generator().manual_seed(11)
+    n_tokens = sum(LENGTHS)
+    if mode == "per-token":
+        work.advantages = torch.randn(len(work), R, generator=g)  # [B, R]; masked tail included, never read
+    else:
+        teacher = torch.randn(len(work), R, generator=g) * 8.0 - 6.0  # far enough that some gaps clamp at +-4
+        w = torch.rand(len(work), generator=g) * 2.0
+        seen = []
+
+        def token_advantages(logp, rows, mask):
+            seen.append(int(mask.sum()))
+            d = (logp - teacher[rows]).clamp(-4.0, 4.0)
+            return torch.where(mask, -w[rows, None] * d, 0.0)
+
+        work.token_advantages = token_advantages
+        # The sampler's log-probs as after an update (the policy moved since it sampled): d must not read them.
+        work.sample_logprobs = [s + 1.0 for s in work.sample_logprobs]
+    policy = load_policy(tiny_model_dir, dtype="float32", device="cpu", attn_implementation="sdpa")
+    policy.model.train()
+    cfg = PolicyConfig(mini_batches=1, kl_coef=0.0, max_response_tokens=MAX_RESPONSE, micro_batch_tokens=BUDGET)
+    role = Role(name="policy", policy=policy, cfg=cfg, engine=NativeEngine(policy))
+    totals = role.accumulate(work, list(range(len(work))), R, float(MAX_RESPONSE))
+
+    reference_model.model.zero_grad(set_to_none=True)
+    loss = torch.zeros((), dtype=torch.float64)
+    clamped = 0
+    for i in range(len(work)):
+        lp = _hf_logprobs(reference_model, work, i)  # [r] float64
+        r = len(lp)
+        if mode == "per-token":
+            a = work.advantages[i, :r].double()
+        else:
+            gap = lp.detach() - teacher[i, :r].double()
+            clamped += int((gap.abs() > 4.0).sum())
+            a = -float(w[i]) * gap.clamp(-4.0, 4.0)
+        loss = loss + (-a * torch.exp(lp - lp.detach())).sum() / n_tokens
+    loss.backward()
+    if mode == "current-logp":
+        assert sum(seen) == n_tokens and len(seen) > 1  # called once per micro-batch, on every token
+        assert 0 < clamped < n_tokens
+    assert float(totals["loss"]) == pytest.approx(loss.item(), rel=1e-5, abs=1e-7)
+    want = {n: p.grad for n, p in reference_model.model.named_parameters() if p.grad is not None}
+    got = {n: p.grad for n, p in policy.model.named_parameters() if p.grad is not None}
+    assert got.keys() == want.keys()
+    for name in want:  # norm-wise: advantages up to 8 scale the gradients and fp32's absolute rounding with them
+        err = (got[name].double() - want[name].double()).abs().max().item()
+        assert err <= 1e-4 * want[name].abs().max().item() + 1e-7, (name, err)

@@ -3,6 +3,7 @@
     extract_boxed(text)   -> content of the last \\boxed{...} (nested braces kept, \\text{..} unwrapped) | None
     extract_choice(text)  -> "A".."D" from that content, normalised | None
     parse_question(text)  -> Question(description, question, options A-D, answer letter) | None
+    answers_equal(given, truth) -> the project's answer equivalence (letters, numbers, short answers)
 
 Decisions:
 - "The last \\boxed{}" is the last occurrence of the string `\\boxed` followed by `{` (spaces allowed in
@@ -21,8 +22,14 @@ Decisions:
   a letter after the same normalisation as `extract_choice`. The option texts are the spans between
   consecutive labels in the order they appear; the question stem is the text before the first label.
   Nothing beyond ALGORITHMS.md's rule is demanded (empty option texts are valid).
+- Answer equivalence (`answers_equal`, the verifiable reward of `--recipe grpo`): a truth that is a letter
+  A-D is a multiple-choice label and matches `normalize_choice` of the (\\text-unwrapped) answer. Otherwise
+  both sides are normalised (`normalize_answer`: \\text{} unwrapped, `$`, `%`, commas and all whitespace
+  dropped, one trailing "." dropped, lower-cased) and compared as numbers when both parse as finite floats
+  (|a - b| <= 1e-6 * max(1, |b|), so "3.0" == "3" and "1,000" == "1000"), else as strings ("3:15" == "3:15 ",
+  "Red" == "red"). Fractions are strings (2/4 != 1/2), as in MM-Zero's grader; no sympy.
 
-Test: `pytest tests/test_answers.py`.
+Test: `pytest tests/test_answers.py tests/test_grpo_recipe.py`.
 """
 
 from __future__ import annotations
@@ -98,6 +105,37 @@ def extract_choice(text: str | None) -> str | None:
     return normalize_choice(extract_boxed(text))
 
 
+_DROP = re.compile(r"[\s$%,]")
+
+
+def normalize_answer(s: str) -> str:
+    """`\\text{..}` unwrapped, `$ % ,` and whitespace dropped, one trailing "." dropped, lower-cased."""
+    s = _DROP.sub("", _unwrap_text(s))
+    return (s[:-1] if s.endswith(".") else s).lower()
+
+
+def _number(s: str) -> float | None:
+    try:
+        x = float(s)
+    except ValueError:
+        return None
+    return x if x == x and abs(x) != float("inf") else None
+
+
+def answers_equal(given: str | None, truth: str) -> bool:
+    """Whether an extracted answer matches the truth: a letter truth (A-D) by `normalize_choice`, numbers by
+    value, anything else as normalised strings (module docstring). No answer (None) matches nothing."""
+    if given is None:
+        return False
+    if truth.strip() in LETTERS:
+        return normalize_choice(_unwrap_text(given)) == truth.strip()
+    g, t = normalize_answer(given), normalize_answer(truth)
+    gx, tx = _number(g), _number(t)
+    if gx is not None and tx is not None:
+        return abs(gx - tx) <= 1e-6 * max(1.0, abs(tx))
+    return g == t and g != ""
+
+
 # ------------------------------------------------------------------------------------------ Questioner
 
 @dataclass(frozen=True)
@@ -155,4 +193,5 @@ def parse_question(text: str | None) -> Question | None:
     return Question(description=description, question=stem, options=options, answer=letter)
 
 
-__all__ = ["LETTERS", "Question", "extract_boxed", "extract_choice", "normalize_choice", "parse_question"]
+__all__ = ["LETTERS", "Question", "answers_equal", "extract_boxed", "extract_choice", "normalize_answer",
+           "normalize_choice", "parse_question"]

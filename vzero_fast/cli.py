@@ -1,11 +1,14 @@
 """The `vzero-fast` command (also `python -m vzero_fast`, which torchrun launches).
 
 Subcommands:
-  train                    run a recipe (--recipe toy|vzero) from a preset, a TOML file and overrides
+  train                    run a recipe (--recipe vzero|toy|grpo|selfjudge|opd) from a preset, a TOML file and
+                           overrides
   plot RUN_DIR             draw the run's metric curves as PNG files (needs the `plot` extra)
-  make-tiny DIR            write the offline tiny Qwen2.5-VL as a model directory
+  make-tiny DIR            write an offline tiny model (--family qwen2_5_vl|qwen3_vl|qwen3_5) as a model directory
   generate                 sample from a model directory on one image (a smoke test of a checkpoint)
   images DIR               draw the synthetic figures of the tiny default into a folder
+  eval                     accuracy (greedy, maj@k, pass@k) of checkpoints side by side on a benchmark
+  bench NAME               kernels | step | rollout | sync: a table and a JSON line, baselines in the same run
   config                   print a resolved config (preset < --config file < dotted overrides)
 
 Dotted overrides (`--solver.rollout_n 10`) set any config field; `config --help-config` lists them.
@@ -46,10 +49,11 @@ def _setup_logging(verbose: bool = False) -> None:
 
 
 def _cmd_make_tiny(args: argparse.Namespace) -> int:
+    from vzero_fast.model import family
     from vzero_fast.tiny import build_tiny
 
-    path = build_tiny(args.dir, seed=args.seed)
-    print(f"wrote the tiny Qwen2.5-VL to {path}")
+    path = build_tiny(args.dir, seed=args.seed, family=args.family)
+    print(f"wrote the tiny {family(args.family).name} to {path}")
     return 0
 
 
@@ -142,6 +146,11 @@ def preflight(cfg: cfgmod.Config) -> None:
     if cfg.train.device == "cuda" and not torch.cuda.is_available():
         raise cfgmod.ConfigError("--device cuda: no CUDA device is available here (allowed: auto, cpu, cuda "
                                  "where a GPU is visible)")
+    from vzero_fast.tracking import unavailable
+
+    reason = unavailable(cfg.train.report_to)
+    if reason is not None:
+        raise cfgmod.ConfigError(reason)
     if cfg.rollout.backend == "vllm":
         from vzero_fast.rollout_vllm import vllm_unavailable
 
@@ -154,9 +163,24 @@ def preflight(cfg: cfgmod.Config) -> None:
             check_model_dir(cfg.model.path)
         except ModelDirError as e:
             raise cfgmod.ConfigError(_naming("--model", cfg.model.path, e)) from None
+    if cfg.train.recipe == "opd" and cfg.opd.teacher:
+        try:
+            check_model_dir(cfg.opd.teacher)
+        except ModelDirError as e:
+            raise cfgmod.ConfigError(_naming("--opd.teacher", cfg.opd.teacher, e)) from None
     if cfg.data.images:
         try:
-            open_images(cfg.data, seed=cfg.train.seed, quiet=True)
+            if cfg.train.recipe == "opd":  # rows of image + question + bbox
+                from vzero_fast.regions import open_regions
+
+                open_regions(cfg.data, seed=cfg.train.seed, negative=cfg.opd.negative)
+            elif cfg.train.recipe in ("grpo", "selfjudge"):  # rows of image + question (+ answer)
+                from vzero_fast.qa import open_qa
+
+                open_qa(cfg.data, seed=cfg.train.seed, task="figures",
+                        require_answer=cfg.train.recipe == "grpo" and cfg.grpo.mode == "label")
+            else:
+                open_images(cfg.data, seed=cfg.train.seed, quiet=True)
         except (ValueError, OSError) as e:
             raise cfgmod.ConfigError(_naming("--images", cfg.data.images, e)) from None
 
@@ -228,6 +252,12 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from vzero_fast.evaluate import run_eval
+
+    return run_eval(args)
+
+
 def _cmd_config(args: argparse.Namespace, extra: list[str]) -> int:
     if args.help_config:
         for key, doc in cfgmod.field_docs().items():
@@ -235,6 +265,34 @@ def _cmd_config(args: argparse.Namespace, extra: list[str]) -> int:
         return 0
     cfg = cfgmod.resolve(args.preset, args.config, cfgmod.parse_overrides(extra))
     print(cfgmod.dumps(cfg), end="")
+    return 0
+
+
+BENCHES = {"kernels": ("bench_kernels.py", []), "step": ("bench_step.py", []),
+           "rollout": ("bench_rollout.py", ["--what", "rollout"]), "sync": ("bench_rollout.py", ["--what", "sync"]),
+           "opd": ("bench_opd.py", [])}
+"""`vzero-fast bench NAME` -> (script under benchmarks/, arguments put first)."""
+
+
+def _cmd_bench(args: argparse.Namespace, extra: list[str]) -> int:
+    """Run a benchmark script's `main` in this process; it prints its table and, last, one JSON line."""
+    import importlib.util
+
+    script, first = BENCHES[args.what]
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / script
+    if not path.is_file():
+        raise FileNotFoundError(f"vzero-fast bench runs the repository's benchmarks/ ({path} is missing): use a "
+                                "checkout with an editable install (pip install -e .)")
+    spec = importlib.util.spec_from_file_location(f"vzero_bench_{args.what}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    try:
+        module.main([*first, *extra])
+    except SystemExit as e:  # the benchmark's own one-line refusal (e.g. bench sync without vLLM) or --help
+        if isinstance(e.code, str):
+            print(f"vzero-fast: {e.code}", file=sys.stderr)
+            return 2
+        return e.code or 0
     return 0
 
 
@@ -251,7 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, help="TOML file (over the preset)")
     p.add_argument("--out", default=None, help="run directory")
     p.add_argument("--model", default=None, help="local model directory (default: build the tiny model)")
-    p.add_argument("--images", default=None, help="image folder, .jsonl or .csv (default: synthetic figures)")
+    p.add_argument("--images", default=None, help="image folder, .jsonl or .csv (default: synthetic figures); "
+                   "grpo/selfjudge: a .jsonl or .csv of image + question (+ answer) rows")
     p.add_argument("--iterations", type=int, default=None)
     p.add_argument("--max-steps-per-role", type=int, default=None, dest="max_steps_per_role")
     p.add_argument("--save-every", type=int, default=None, dest="save_every", help="checkpoint every N steps")
@@ -264,9 +323,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("--out", default=None, help="output folder (default RUN_DIR/plots)")
 
-    p = sub.add_parser("make-tiny", help="write the offline tiny Qwen2.5-VL model directory")
+    p = sub.add_parser("make-tiny", help="write an offline tiny model directory (Qwen2.5-VL, Qwen3-VL or Qwen3.5)")
     p.add_argument("dir", help="output directory")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and tokenizer (default 0)")
+    p.add_argument("--family", default="qwen2_5_vl", choices=("qwen2_5_vl", "qwen3_vl", "qwen3_5"),
+                   help="architecture (config.json model_type; default qwen2_5_vl)")
 
     p = sub.add_parser("generate", help="sample from a model directory on one image")
     p.add_argument("--model", required=True, help="model directory")
@@ -283,6 +344,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--count", type=int, default=16)
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("eval", help="accuracy of checkpoints side by side on a benchmark (vzero_fast/evaluate.py)")
+    p.add_argument("--model", nargs="+", required=True, metavar="[NAME=]DIR", help="model directories (base, iter-1, ...)")
+    p.add_argument("--bench", required=True, help="a .jsonl, a VLMEvalKit .tsv, or 'synthetic' (built-in, with truth)")
+    p.add_argument("--out", default="runs/eval", help="output folder (default runs/eval)")
+    p.add_argument("--k", type=int, default=4, help="samples at T=1 per item for maj@k and pass@k (0 = greedy only)")
+    p.add_argument("--backend", default="native", choices=("native", "vllm", "auto"), help="rollout engine")
+    p.add_argument("--limit", type=int, default=None, help="first N usable items only")
+    p.add_argument("--max-new-tokens", type=int, default=1024, help="longest response (default 1024)")
+    p.add_argument("--batch", type=int, default=32, help="items per engine call (default 32)")
+    p.add_argument("--synthetic-size", type=int, default=224, help="side in px of the synthetic items")
+    p.add_argument("--dtype", default="auto", choices=cfgmod.DTYPES)
+    p.add_argument("--device", default="auto", choices=cfgmod.DEVICES)
+
+    p = sub.add_parser("bench", help="a benchmark with its baselines measured in the same run: a table, then one "
+                       "JSON line (needs the repository's benchmarks/ folder)",
+                       description="kernels: fused log-prob / GRPO loss / vote counting vs naive references; step: "
+                       "one GRPO step's breakdown and native rollout vs transformers.generate; rollout: native "
+                       "engine vs generate (and vLLM where it imports); sync: vLLM in-place weight sync vs a plain "
+                       "copy. Options after the name go to the benchmark (e.g. --smoke, --out FILE.json; "
+                       "`vzero-fast bench NAME --help`).")
+    p.add_argument("what", choices=tuple(BENCHES), help="which benchmark")
 
     p = sub.add_parser("config", help="print a resolved config")
     p.add_argument("--preset", default=None, choices=sorted(cfgmod.PRESETS))
@@ -301,9 +384,12 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_config(args, extra)
         if args.command == "train":
             return _cmd_train(args, extra)
+        if args.command == "bench":
+            return _cmd_bench(args, extra)
         if extra:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
-        return {"plot": _cmd_plot, "make-tiny": _cmd_make_tiny, "generate": _cmd_generate, "images": _cmd_images}[args.command](args)
+        return {"plot": _cmd_plot, "make-tiny": _cmd_make_tiny, "generate": _cmd_generate, "images": _cmd_images,
+                "eval": _cmd_eval}[args.command](args)
     except BrokenPipeError:  # `vzero-fast config --help-config | head`: the reader has gone; not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit-time flush must not fail
         return 0

@@ -45,7 +45,9 @@ ATTN = ("auto", "sdpa", "flash_attention_2", "eager")
 KL_TYPES = ("k1", "k2", "k3")
 LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 ADVANTAGES = ("grpo", "drgrpo", "group-softmax")
-RECIPES = ("vzero", "toy")
+RECIPES = ("vzero", "toy", "grpo", "selfjudge", "opd")
+OPD_NEGATIVES = ("hard_negative_crop", "downsample")
+GRPO_MODES = ("label", "maj")
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -73,7 +75,7 @@ class ModelConfig:
 @dataclass(kw_only=True)
 class DataConfig:
     images: str = ""
-    """Unlabeled images: a folder (recursive), a .jsonl or .csv listing paths; empty uses synthetic figures."""
+    """Unlabeled images: a folder (recursive), a .jsonl or .csv listing paths; empty uses synthetic figures. The grpo and selfjudge recipes read a .jsonl/.csv of image + question (+ answer) rows; opd a .jsonl of image, question, bbox (+ neg_bbox) rows."""
     synthetic_images: int = 64
     """Number of synthetic figures drawn when `images` is empty."""
     synthetic_size: int = 224
@@ -201,6 +203,126 @@ class PolicyConfig(RoleConfig):
 
 
 @dataclass(kw_only=True)
+class ActorConfig(RoleConfig):
+    """Self-Judge's trained Actor (ALGORITHMS.md section 3)."""
+
+    rollout_n: int = 8
+    """Responses sampled per question (the GRPO group; the consistency prior votes over them)."""
+    advantage: str = "group-softmax"
+    """Group advantage; Self-Judge's is group-softmax (beta = 1): log-softmax of the group's rewards, centred."""
+
+    def __post_init__(self) -> None:
+        self._validate("actor")
+
+
+@dataclass(kw_only=True)
+class LearnerConfig(RoleConfig):
+    """The trained policy of the grpo recipe (supervised GRPO on labels, or the majority-vote baseline)."""
+
+    rollout_n: int = 8
+    """Responses sampled per question (the GRPO group; `grpo.mode = maj` votes over them)."""
+
+    def __post_init__(self) -> None:
+        self._validate("learner")
+
+
+@dataclass(kw_only=True)
+class StudentConfig(RoleConfig):
+    """V-Zero-OPD's trained student (ALGORITHMS.md section 4); `advantage` and `drop_zero_variance` do not apply
+    (its advantages are per token, vzero_fast/recipes/opd.py)."""
+
+    rollout_n: int = 8
+    """Responses sampled per question (G, the group the evidence gate normalises over)."""
+
+    def __post_init__(self) -> None:
+        self._validate("student")
+
+
+@dataclass(kw_only=True)
+class OPDConfig:
+    """V-Zero-OPD's rules (ALGORITHMS.md section 4): the frozen teacher, the negative view, the gate."""
+
+    teacher: str = ""
+    """Local teacher checkpoint (same tokenizer as the student); empty builds a tiny teacher when tiny_teacher is on."""
+    tiny_teacher: bool = True
+    """Without `teacher`, build a tiny teacher (another seed, wider MLP) for the tiny student; off = `teacher` is required."""
+    teacher_dtype: str = "auto"
+    """Teacher weights: auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16 or float16."""
+    negative: str = "hard_negative_crop"
+    """Negative view z-: hard_negative_crop ([full, crop of neg_bbox or of a same-size non-overlapping region]) or downsample (the positive view with every image halved)."""
+    gamma: float = 1.0
+    """Delta = relu(delta) - gamma * relu(-delta): weight of evidence against the crop."""
+    alpha: float = 0.5
+    """w = clamp(1 + alpha * standardised p, 0, 2): strength of the evidence gate."""
+    clamp: float = 10.0
+    """d = clamp(log pS - log pT(z+), -clamp, clamp), before weighting."""
+    data_epochs: int = 1
+    """Passes over the data per iteration when train.max_steps_per_role is 0."""
+
+    def __post_init__(self) -> None:
+        _check(self.teacher_dtype in DTYPES, "opd.teacher_dtype", f"one of {DTYPES}", self.teacher_dtype)
+        _check(self.negative in OPD_NEGATIVES, "opd.negative", f"one of {OPD_NEGATIVES}", self.negative)
+        _check(self.gamma >= 0, "opd.gamma", ">= 0", self.gamma)
+        _check(self.alpha >= 0, "opd.alpha", ">= 0", self.alpha)
+        _check(self.clamp > 0, "opd.clamp", "> 0", self.clamp)
+        _check(self.data_epochs >= 1, "opd.data_epochs", "an integer >= 1", self.data_epochs)
+
+
+@dataclass(kw_only=True)
+class SelfJudgeConfig:
+    """Self-Judge's rules (ALGORITHMS.md section 3): the prior, the frozen Judge and the format warm-up."""
+
+    prior_threshold: float = 0.85
+    """Above this majority share p (strict) the prior is 1 for the majority answer, 0 otherwise; else count / n."""
+    judge_temperature: float = 1.0
+    """Sampling temperature of the Judge."""
+    judge_top_p: float = 0.9
+    """Top-p of the Judge."""
+    judge_max_tokens: int = 1024
+    """Longest Judge output (scores block and boxed overall score)."""
+    format_warmup_steps: int = 0
+    """Supervised steps on templated Actor and Judge outputs with random answers and scores (format only) before GRPO; the tiny preset uses them."""
+    format_warmup_batch: int = 4
+    """Examples per format warm-up step: half Actor outputs, half Judge outputs."""
+    format_warmup_lr: float = 3e-3
+    """AdamW learning rate of the format warm-up (its own optimizer, discarded afterwards)."""
+
+    def __post_init__(self) -> None:
+        _check(0 <= self.prior_threshold < 1, "selfjudge.prior_threshold", "in [0, 1)", self.prior_threshold)
+        _check(self.judge_temperature > 0, "selfjudge.judge_temperature", "> 0", self.judge_temperature)
+        _check(0 < self.judge_top_p <= 1, "selfjudge.judge_top_p", "in (0, 1]", self.judge_top_p)
+        _check(self.judge_max_tokens >= 1, "selfjudge.judge_max_tokens", "an integer >= 1", self.judge_max_tokens)
+        _check_warmup("selfjudge", self)
+
+
+@dataclass(kw_only=True)
+class GRPORecipeConfig:
+    """The grpo recipe: plain GRPO with a verifiable reward on labeled questions (V-Zero's supervised GRPO)."""
+
+    mode: str = "label"
+    """label: reward 1 when the boxed answer equals the row's answer; maj: equals the group's majority answer (no labels read)."""
+    format_weight: float = 0.0
+    """w in r = (1 - w) * correct + w * well_formed (`<think>..</think>..\\boxed{..}` from the first character)."""
+    format_warmup_steps: int = 0
+    """Supervised steps on templated outputs with random answers (format only) before GRPO; the tiny preset uses them."""
+    format_warmup_batch: int = 4
+    """Examples per format warm-up step."""
+    format_warmup_lr: float = 3e-3
+    """AdamW learning rate of the format warm-up (its own optimizer, discarded afterwards)."""
+
+    def __post_init__(self) -> None:
+        _check(self.mode in GRPO_MODES, "grpo.mode", f"one of {GRPO_MODES}", self.mode)
+        _check(0 <= self.format_weight <= 1, "grpo.format_weight", "in [0, 1]", self.format_weight)
+        _check_warmup("grpo", self)
+
+
+def _check_warmup(section: str, cfg) -> None:
+    _check(cfg.format_warmup_steps >= 0, f"{section}.format_warmup_steps", ">= 0", cfg.format_warmup_steps)
+    _check(cfg.format_warmup_batch >= 1, f"{section}.format_warmup_batch", ">= 1", cfg.format_warmup_batch)
+    _check(cfg.format_warmup_lr > 0, f"{section}.format_warmup_lr", "> 0", cfg.format_warmup_lr)
+
+
+@dataclass(kw_only=True)
 class ToyConfig:
     """The toy recipe: reward 1 when the response starts with one of the target tokens."""
 
@@ -262,7 +384,7 @@ class VZeroConfig:
 @dataclass(kw_only=True)
 class TrainConfig:
     recipe: str = "vzero"
-    """Recipe to run (vzero: Questioner and Solver co-evolve; toy: a verifiable reward that checks the engine learns)."""
+    """Recipe to run (vzero: Questioner and Solver co-evolve; toy: a verifiable reward that checks the engine learns; selfjudge: an Actor rewarded by its consistency and a frozen Judge; grpo: GRPO on labeled questions, or on majority votes; opd: a student distilled from a frozen teacher, gated by visual evidence)."""
     out: str = "runs/vzero"
     """Run directory: metrics, checkpoints, the resolved config."""
     seed: int = 0
@@ -273,12 +395,16 @@ class TrainConfig:
     """Cap on GRPO steps per role per iteration (0 = one epoch over the data)."""
     save_every: int = 0
     """Also save a checkpoint every N steps (0 = only at the end of each role's stage)."""
+    eval_every: int = 0
+    """Every N global steps, score the stepping role greedily on 28 built-in synthetic items (vzero_fast/evaluate.py) into the step's metrics row: eval_accuracy, eval_items, time_eval (0 = off)."""
     keep_last: int = 2
     """Checkpoints kept per role (older ones are deleted)."""
     device: str = "auto"
     """Device: auto (cuda when available), cpu or cuda."""
     cpu_threads: int = 0
     """torch intra-op CPU threads (0 = torch's default, one per core); the tiny preset uses 1."""
+    report_to: str = "jsonl"
+    """Where metrics go, comma-separated: jsonl (always: metrics.jsonl), tensorboard (RUN/tensorboard), wandb (offline unless WANDB_MODE is set; RUN/wandb)."""
 
     def __post_init__(self) -> None:
         _check(self.cpu_threads >= 0, "train.cpu_threads", ">= 0", self.cpu_threads)
@@ -286,11 +412,16 @@ class TrainConfig:
         _check(self.iterations >= 1, "train.iterations", ">= 1", self.iterations)
         _check(self.max_steps_per_role >= 0, "train.max_steps_per_role", ">= 0", self.max_steps_per_role)
         _check(self.save_every >= 0, "train.save_every", ">= 0", self.save_every)
+        _check(self.eval_every >= 0, "train.eval_every", ">= 0 (0 = off)", self.eval_every)
         _check(self.keep_last >= 1, "train.keep_last", ">= 1", self.keep_last)
         _check(self.device in DEVICES, "train.device", f"one of {DEVICES}", self.device)
+        trackers = [t.strip() for t in self.report_to.split(",") if t.strip()]
+        _check(bool(trackers) and all(t in TRACKERS for t in trackers), "train.report_to",
+               f"a comma-separated subset of {TRACKERS}", self.report_to)
 
 
 ROLLOUT_BACKENDS = ("native", "vllm", "auto")
+TRACKERS = ("jsonl", "tensorboard", "wandb")
 
 
 def _registered_backend(name: str) -> bool:
@@ -362,6 +493,35 @@ class DistConfig:
 
 
 @dataclass(kw_only=True)
+class ProfileConfig:
+    """torch.profiler over a range of global steps (vzero_fast/profiling.py)."""
+
+    steps: str = ""
+    """Global steps A:B (inclusive) to profile, e.g. 3:4; empty = off. Writes RUN/profile/trace-steps-A-B.json (Perfetto / chrome://tracing) and summary.md."""
+    record_shapes: bool = False
+    """Record operator input shapes (larger traces)."""
+    with_stack: bool = False
+    """Record Python stacks of operators (much larger traces)."""
+    top: int = 15
+    """Operators listed in the end-of-profile table."""
+
+    def __post_init__(self) -> None:
+        _check(self.steps == "" or profile_steps(self.steps) is not None, "profile.steps",
+               "A:B with 1 <= A <= B (global steps), or empty", self.steps)
+        _check(self.top >= 1, "profile.top", ">= 1", self.top)
+
+
+def profile_steps(spec: str) -> tuple[int, int] | None:
+    """(A, B) of a "A:B" (or "A") step range with 1 <= A <= B; None when malformed."""
+    parts = spec.split(":")
+    try:
+        a, b = (int(parts[0]), int(parts[-1])) if len(parts) in (1, 2) else (0, -1)
+    except ValueError:
+        return None
+    return (a, b) if 1 <= a <= b else None
+
+
+@dataclass(kw_only=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     """The policy checkpoint every role starts from."""
@@ -381,8 +541,22 @@ class Config:
     """The trained policy of single-role recipes (toy)."""
     toy: ToyConfig = field(default_factory=ToyConfig)
     """Toy recipe."""
+    actor: ActorConfig = field(default_factory=ActorConfig)
+    """Self-Judge's trained Actor."""
+    selfjudge: SelfJudgeConfig = field(default_factory=SelfJudgeConfig)
+    """Self-Judge rules."""
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    """The grpo recipe's trained policy."""
+    student: StudentConfig = field(default_factory=StudentConfig)
+    """V-Zero-OPD's trained student."""
+    opd: OPDConfig = field(default_factory=OPDConfig)
+    """V-Zero-OPD rules (teacher, negative view, gate)."""
+    grpo: GRPORecipeConfig = field(default_factory=GRPORecipeConfig)
+    """The grpo recipe (supervised GRPO / majority-vote baseline)."""
     dist: DistConfig = field(default_factory=DistConfig)
     """Multi-GPU (torchrun + FSDP2) settings."""
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
+    """torch.profiler trace of a range of steps."""
 
 
 # ----------------------------------------------------------------------------------------------- presets
@@ -407,6 +581,22 @@ def _tiny() -> dict[str, Any]:
         # The toy reward only looks at the first token: short responses and a large step size learn it
         # in ~10 steps on CPU (measured: reward 0.06 -> 1.0 by step 11).
         "policy": {**role, "rollout_n": 8, "max_response_tokens": 2, "lr": 1e-2, "mini_batches": 1},
+        # grpo on the synthetic colour task (vzero_fast/qa.py): after the format warm-up (100 steps: 97% of
+        # T=1 samples boxed) a response is `\\boxed{X}` (4 tokens + eos). Measured at 168 px (36 image tokens):
+        # reward 0.27 (steps 1-5) -> 0.62 (31-40) -> 0.74 (41-50) at lr 1.5e-3; lr 3e-3 collapsed the format
+        # within 20 steps, 1e-3 rose too slowly; at 112 px (16 image tokens) it reached only 0.40 in 50 steps.
+        "learner": {**role, "prompts_per_step": 8, "rollout_n": 8, "max_response_tokens": 5, "lr": 1.5e-3,
+                    "mini_batches": 1},
+        "grpo": {"format_warmup_steps": 100, "format_warmup_batch": 4, "format_warmup_lr": 3e-3},
+        # selfjudge: `<think>..</think> \\boxed{X}` is ~13 tokens, the Judge's short contract ~50 (vzero_fast/tiny.py's
+        # tokenizer); the warm-up teaches both (format only: random answers and scores).
+        "actor": {**role, "rollout_n": 8, "max_response_tokens": 24, "mini_batches": 1},
+        "selfjudge": {"judge_max_tokens": 56, "format_warmup_steps": 100, "format_warmup_batch": 4,
+                      "format_warmup_lr": 3e-3},
+        # opd: no format to learn (the teacher scores whatever the student writes); 16-token answers, 2 mini-batches
+        # per step (off-policy ratios and the current-student d are exercised), a tiny teacher built in the run.
+        "student": {**role, "rollout_n": 4, "max_response_tokens": 16},
+        "opd": {"tiny_teacher": True},
     }
 
 
@@ -435,8 +625,46 @@ def _vzero(model_size: str) -> dict[str, Any]:
     }
 
 
+def _selfjudge_7b() -> dict[str, Any]:
+    """Self-Judge's hyperparameters (ALGORITHMS.md sections 0 and 3) for Qwen2.5-VL-7B; also the grpo recipe's
+    (the baselines are trained with the same settings); the checkpoint comes from --model."""
+    role = dict(prompts_per_step=512, rollout_n=8, mini_batches=4, lr=1e-6, weight_decay=0.01, grad_clip=1.0,
+                kl_coef=0.01, kl_type="k3", clip_low=0.2, clip_high=0.2, loss_agg="token-mean", epochs=1,
+                temperature=1.0, max_response_tokens=2048)
+    return {
+        "model": {"dtype": "auto", "gradient_checkpointing": True},
+        # One iteration: the Judge is the frozen starting checkpoint. A checkpoint every 20 steps.
+        "train": {"iterations": 1, "out": "runs/selfjudge-7b", "save_every": 20},
+        # The Judge reads image + question + a 2048-token response and writes up to 1024 tokens: 8192 fits.
+        # One shared vLLM engine: the Actor's weights and the Judge's alternate in it (two syncs per step).
+        "rollout": {"backend": "auto", "max_model_len": 8192, "share_engine": True, "gpu_memory_utilization": 0.25},
+        "actor": {**role, "advantage": "group-softmax"},  # batch 512, mini-batch 128
+        "learner": {**role, "advantage": "grpo"},
+        "selfjudge": {"prior_threshold": 0.85, "judge_temperature": 1.0, "judge_top_p": 0.9, "judge_max_tokens": 1024},
+    }
+
+
+def _opd_4b() -> dict[str, Any]:
+    """V-Zero-OPD's settings (ALGORITHMS.md sections 0 and 4) for a Qwen3.5-4B student and a Qwen3.5-27B teacher;
+    no weights ship: give --model STUDENT and --opd.teacher TEACHER (opd.tiny_teacher is off, so a missing
+    teacher is an error). "32 prompts x 8, mini-batch 16" = 2 mini-batches of 16 prompts per rollout batch;
+    "10 epochs" = 10 passes over the data (opd.data_epochs), one PPO epoch per batch as in section 0."""
+    return {
+        "model": {"dtype": "auto", "gradient_checkpointing": True},
+        "train": {"recipe": "opd", "iterations": 1, "out": "runs/opd-4b", "save_every": 20},
+        "rollout": {"backend": "auto", "max_model_len": 8192, "gpu_memory_utilization": 0.25},
+        "student": {"prompts_per_step": 32, "rollout_n": 8, "mini_batches": 2, "epochs": 1, "lr": 1e-6,
+                    "weight_decay": 0.01, "grad_clip": 1.0, "kl_coef": 0.01, "kl_type": "k3", "clip_low": 0.2,
+                    "clip_high": 0.2, "loss_agg": "token-mean", "temperature": 1.0, "max_response_tokens": 2048},
+        "opd": {"tiny_teacher": False, "teacher_dtype": "auto", "negative": "hard_negative_crop", "gamma": 1.0,
+                "alpha": 0.5, "clamp": 10.0, "data_epochs": 10},
+    }
+
+
 PRESETS: dict[str, typing.Callable[[], dict[str, Any]]] = {
     "tiny": _tiny,
+    "opd-4b": _opd_4b,
+    "selfjudge-7b": _selfjudge_7b,
     "vzero-3b": lambda: _vzero("3b"),
     "vzero-7b": lambda: _vzero("7b"),
 }

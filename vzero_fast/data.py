@@ -18,7 +18,7 @@ Decisions:
   89.5 Mpx bomb limit is `too_large` (a 12000x12000 1-bit PNG is a few bytes on disk and 144 Mpx decoded);
   a ratio above 200, which Qwen's processor refuses, is `bad_aspect`.
   `ImageFile.LOAD_TRUNCATED_IMAGES` stays False: a truncated file is `truncated`, not half an image.
-- Images reach the model already inside Qwen2.5-VL's pixel bounds: `fit_pixels` is the processor's
+- Images reach the model already inside the processor's pixel bounds: `fit_pixels` is the processor's
   `smart_resize` (same arithmetic, so the processor then resizes nothing), plus a search over all sizes
   for the cases where that rule's output would not survive a second pass: area outside [min_pixels,
   max_pixels] (a short side clamped to 28 under a small budget, e.g. 2000x100 with the tiny preset) or a
@@ -98,6 +98,9 @@ class SourceStats:
     bad_aspect: int = 0
     ignored_extension: int = 0
     """Files in a folder without an accepted extension; never candidates, never warned about."""
+    bad_rows: int = 0
+    """Rows of a question listing (vzero_fast/qa.py) without a usable image path, question or required answer;
+    never candidates, each warned about once when the listing is read."""
 
     @property
     def skipped(self) -> int:
@@ -208,7 +211,7 @@ def _classify_unidentified(path: Path) -> BadImageError:
 
 
 def read_image(path: str | os.PathLike, *, min_pixels: int | None = None, max_pixels: int | None = None,
-               validate_only: bool = False) -> Image.Image:
+               validate_only: bool = False, factor: int = 28) -> Image.Image:
     """Decode `path` to RGB inside the bounds (when given); raises BadImageError on a bad file.
 
     `validate_only` decodes (at the smallest JPEG scale) to prove the file is whole, and returns it raw.
@@ -240,7 +243,7 @@ def read_image(path: str | os.PathLike, *, min_pixels: int | None = None, max_pi
                 swap = image.getexif().get(0x0112, 1) in (5, 6, 7, 8)  # EXIF orientation: 90/270 degrees
                 if not validate_only:
                     target = fit_pixels(*((h, w) if swap else (w, h)), min_pixels=min_pixels or 1,
-                                        max_pixels=max_pixels)
+                                        max_pixels=max_pixels, factor=factor)
                 tw, th = target or (1, 1)
                 image.draft(None, (th, tw) if swap else (tw, th))
             try:
@@ -257,7 +260,8 @@ def read_image(path: str | os.PathLike, *, min_pixels: int | None = None, max_pi
                 target = None  # computed for the rotated picture
             image = _to_rgb(image)
         if max_pixels is not None:
-            target = target or fit_pixels(*image.size, min_pixels=min_pixels or 1, max_pixels=max_pixels)
+            target = target or fit_pixels(*image.size, min_pixels=min_pixels or 1, max_pixels=max_pixels,
+                                          factor=factor)
             if image.size != target:
                 image = image.resize(target, Image.Resampling.BICUBIC)
         return image
@@ -279,6 +283,8 @@ class ImageSource:
     """Candidate entries `keys`; `load(i)` gives an ImageItem or None (skipped, counted once)."""
 
     kind = "source"
+    factor = 28
+    """Pixels per image token along a side (the model's patch size x merge size; open_images sets it)."""
 
     def __init__(self, keys: list[str], *, where: str, min_pixels: int | None = None,
                  max_pixels: int | None = None):
@@ -332,9 +338,11 @@ class ImageSource:
         s = self.stats
         if not s.loaded and not s.skipped:
             tail = f"; {s.ignored_extension} other files ignored by extension" if s.ignored_extension else ""
+            tail += f"; {s.bad_rows} bad rows skipped" if s.bad_rows else ""
             return f"{self.kind} {self.where}: {len(self)} images (read when first used{tail})"
         reasons = ", ".join(f"{getattr(s, r)} {r}" for r in REASONS if getattr(s, r))
         tail = f"; {s.ignored_extension} ignored by extension" if s.ignored_extension else ""
+        tail += f"; {s.bad_rows} bad rows skipped" if s.bad_rows else ""
         return (f"{self.kind} {self.where}: {len(self)} images ({s.loaded} loaded, {s.skipped} skipped"
                 f"{': ' + reasons if reasons else ''}{tail})")
 
@@ -353,7 +361,7 @@ class FileSource(ImageSource):
 
     def _read(self, i: int, validate_only: bool) -> Image.Image:
         return read_image(self.keys[i], min_pixels=self.min_pixels, max_pixels=self.max_pixels,
-                          validate_only=validate_only)
+                          validate_only=validate_only, factor=self.factor)
 
 
 def scan_folder(root: str | os.PathLike) -> tuple[list[Path], dict[str, int]]:
@@ -450,7 +458,9 @@ class SyntheticSource(ImageSource):
 
     def _read(self, i: int, validate_only: bool) -> Image.Image:
         image = synthetic_figure(_set_seed(self.seed, i), self.size, kind=_set_kind(i))
-        return image if self.max_pixels is None else resize_to_bounds(image, self.min_pixels, self.max_pixels)
+        if self.max_pixels is None:
+            return image
+        return resize_to_bounds(image, self.min_pixels, self.max_pixels, factor=self.factor)
 
     def is_ok(self, i: int) -> bool:
         return True  # drawing never fails; skip the render
@@ -482,11 +492,16 @@ def shard_indices(order: list[int], rank: int, world_size: int) -> list[int]:
     return order[rank::world_size]
 
 
-def open_images(data_cfg, *, seed: int, quiet: bool = False) -> ImageSource:
-    """The run's image source from its `[data]` config section."""
-    return open_source(data_cfg.images, min_pixels=data_cfg.min_pixels, max_pixels=data_cfg.max_pixels,
-                       synthetic_count=data_cfg.synthetic_images, synthetic_size=data_cfg.synthetic_size, seed=seed,
-                       quiet=quiet)
+def open_images(data_cfg, *, seed: int, quiet: bool = False, factor: int = 28) -> ImageSource:
+    """The run's image source from its `[data]` config section; images resized to multiples of `factor` px
+    (`model.image_factor` of the checkpoint: 28 for Qwen2.5-VL, 32 for the Qwen3 families)."""
+    source = open_source(data_cfg.images, min_pixels=data_cfg.min_pixels, max_pixels=data_cfg.max_pixels,
+                         synthetic_count=data_cfg.synthetic_images, synthetic_size=data_cfg.synthetic_size,
+                         seed=seed, quiet=quiet)
+    if data_cfg.max_pixels is not None:
+        fit_pixels(factor, factor, min_pixels=data_cfg.min_pixels, max_pixels=data_cfg.max_pixels, factor=factor)
+    source.factor = factor
+    return source
 
 
 def step_items(source: ImageSource, *, seed: int, step: int, count: int, rank: int = 0,

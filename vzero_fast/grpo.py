@@ -31,6 +31,9 @@ Decisions:
   with these very weights; an engine holding its own copy, such as vLLM, must receive each update).
 - Randomness is derived from (seed, role, step) counters, so a resumed run draws exactly what an
   uninterrupted one would (no generator state has to be saved).
+- Advantages are per sample [B] (GRPO) or per token [B, R] (the loss takes both); a batch may instead carry
+  `token_advantages`, a function of the current log-probs that each micro-batch calls after its forward
+  (V-Zero-OPD's distillation advantage, vzero_fast/recipes/opd.py).
 - Mini-batches split every group: sample j of each group goes to mini-batch j mod `mini_batches` (the
   old strided split whenever `mini_batches` divides n), a rule that needs no global sample order.
 - Data-parallel (torchrun, vzero_fast/distributed.py): each rank holds whole groups (its prompts' n samples),
@@ -63,6 +66,7 @@ from vzero_fast.rollout import Request, RolloutEngine, RolloutOutput
 log = logging.getLogger("vzero_fast.grpo")
 
 RewardFn = Callable[[list[RolloutOutput]], torch.Tensor]
+TokenAdvantageFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 # ------------------------------------------------------------------------------- advantages and filters
@@ -136,14 +140,18 @@ class SampleBatch:
     prompt_of: list[int]                    # sample -> prompt index
     pixel_values: list[torch.Tensor | None]  # per prompt
     image_grid_thw: list[torch.Tensor | None]  # per prompt
-    advantages: torch.Tensor                # [B] fp32
+    advantages: torch.Tensor                # [B] fp32, or [B, R] per token (R = max_response)
     sample_logprobs: list[torch.Tensor]     # per sample, the sampler's log-probs (fp32)
     old_logprobs: torch.Tensor | None = None  # [B, R] response-aligned, when recomputed
     ref_logprobs: torch.Tensor | None = None  # [B, R]
+    token_advantages: TokenAdvantageFn | None = None
+    """When set, each micro-batch's [b, R] advantages come from (current log-probs [b, R] detached, rows [b],
+    mask [b, R]) instead of `advantages` (OPD: its distillation term uses the CURRENT student's log-probs, which
+    the training forward computes anyway: no extra pass)."""
 
     @classmethod
     def from_outputs(cls, outputs: Sequence[RolloutOutput], advantages: torch.Tensor) -> SampleBatch:
-        """advantages: [G, n] for the G outputs (n samples each)."""
+        """advantages: [G, n] for the G outputs (n samples each) or already flat [B], or [G, n, R] per token."""
         prompt_ids, response_ids, prompt_of, logps = [], [], [], []
         for g, out in enumerate(outputs):
             for s in out.samples:
@@ -154,7 +162,8 @@ class SampleBatch:
         return cls(prompt_ids=prompt_ids, response_ids=response_ids, prompt_of=prompt_of,
                    pixel_values=[o.pixel_values for o in outputs],
                    image_grid_thw=[o.image_grid_thw for o in outputs],
-                   advantages=advantages.reshape(-1).to(torch.float32), sample_logprobs=logps)
+                   advantages=(advantages if advantages.dim() == 1 else advantages.flatten(0, 1)).to(torch.float32),
+                   sample_logprobs=logps)
 
     def __len__(self) -> int:
         return len(self.response_ids)
@@ -437,7 +446,10 @@ class Role:
             logp, ent = token_logprobs(policy, policy.lm_head_weight, mb, cfg.temperature, return_entropy=True)
             old = batch.old_logprobs[mb.rows] if batch.old_logprobs is not None else None
             ref = batch.ref_logprobs[mb.rows] if batch.ref_logprobs is not None else None
-            loss, m = grpo_loss(logp, batch.advantages.to(dev)[mb.rows], mb.mask, old_logprobs=old,
+            adv = batch.advantages.to(dev)[mb.rows]  # [b] or [b, R]
+            if batch.token_advantages is not None:
+                adv = batch.token_advantages(logp.detach(), mb.rows, mb.mask)  # [b, R]
+            loss, m = grpo_loss(logp, adv, mb.mask, old_logprobs=old,
                                 ref_logprobs=ref, clip_low=cfg.clip_low, clip_high=cfg.clip_high,
                                 clip_c=cfg.clip_c or None, kl_coef=cfg.kl_coef if ref is not None else 0.0,
                                 kl_type=cfg.kl_type, loss_agg=cfg.loss_agg, agg_norm=agg_norm,

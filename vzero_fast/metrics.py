@@ -36,11 +36,19 @@ class StageTimer:
 
     @contextmanager
     def __call__(self, stage: str):
+        # The same block is a "stage/<name>" range in torch.profiler traces (vzero_fast/profiling.py) and an
+        # NVTX range on CUDA (nsys / ncu timelines).
+        cuda = self.device is not None and self.device.type == "cuda"
         self._sync()
         start = time.perf_counter()
+        if cuda:
+            torch.cuda.nvtx.range_push(stage)
         try:
-            yield
+            with torch.profiler.record_function(f"stage/{stage}"):
+                yield
         finally:
+            if cuda:
+                torch.cuda.nvtx.range_pop()
             self._sync()
             self.seconds[stage] += time.perf_counter() - start
 
@@ -145,6 +153,10 @@ PLOT_GROUPS: dict[str, tuple[tuple[str, ...], str]] = {
     "vzero_solver": (("questions_valid_rate", "kept_rate", "label_share_mean", "solver_letter_rate"),
                      "share of the stage's questions / votes"),
     "vzero_questions": (("questions", "questions_kept"), "questions in the Solver's stage"),
+    # Self-Judge's (recipes/selfjudge.py) and the in-training evaluation (train.eval_every, evaluate.py).
+    "selfjudge": (("prior_share", "hard_branch_rate", "judge_parse_rate", "judge_score_mean", "format_rate"),
+                  "share / mean over the step's responses"),
+    "eval": (("eval_accuracy",), "greedy accuracy, built-in benchmark"),
 }
 OVERVIEW = ("reward", "loss", "kl", "time", "vzero_questioner", "response_length")
 BAND_LABEL = "±1 std over samples"

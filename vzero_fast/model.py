@@ -1,9 +1,24 @@
-"""Load a Qwen2.5-VL policy from a local directory; encode prompts, run the training forward, sample.
+"""Load a Qwen-VL policy (Qwen2.5-VL, Qwen3-VL or Qwen3.5) from a local directory; encode prompts, run the
+training forward, sample.
 
 Decisions:
-- The model is transformers' `Qwen2_5_VLForConditionalGeneration` (real 3B/7B checkpoints and the tiny
-  one from vzero_fast/tiny.py load the same way). `check_model_dir` names the missing or broken file
-  before transformers gets a chance to fail obscurely.
+- One interface over three families (`FAMILIES`, keyed by config.json's `model_type`): transformers'
+  `Qwen2_5_VLForConditionalGeneration`, `Qwen3VLForConditionalGeneration` (DeepStack: vision features
+  added to the first decoder layers; interleaved M-RoPE) and `Qwen3_5ForConditionalGeneration` (hybrid:
+  Gated DeltaNet linear-attention layers with recurrent + convolution state, and gated full attention
+  every fourth layer; partial interleaved M-RoPE). In transformers >= 5.17 the three share what this
+  project calls: `model.base_model(input_ids, attention_mask, position_ids, pixel_values, image_grid_thw,
+  mm_token_type_ids, cache)` returning the final normed hidden states, `base_model.get_rope_index(ids,
+  mm_token_type_ids, image_grid_thw=, attention_mask=)` -> [3, B, T] positions, `DynamicCache(config=)`
+  (KV layers, and linear-attention layers for Qwen3.5) with `reorder_cache`, and the same vision special
+  tokens. Real checkpoints and the tiny ones from vzero_fast/tiny.py load the same way, by class, not
+  Auto*. `check_model_dir` names the missing or broken file before transformers gets a chance to fail
+  obscurely.
+- Qwen3.5's chat template ends the generation prompt with an opened "<think>\n"; every recipe's format
+  (V-Zero, Self-Judge, MM-Zero) has the response itself start with "<think>", so `apply_chat_template`
+  drops that opening (a template that closes an empty think block is left as it is).
+- Images per family: Qwen2.5-VL cuts 14 px patches, the Qwen3 families 16 px; merged 2x2 either way, so
+  an image token covers `Processor.factor` = 28 or 32 px, and data.py resizes to multiples of that.
 - Our own small `Processor` (tokenizer + image processor + chat template) instead of
   `Qwen2_5_VLProcessor`: without torchvision there is no video processor, and the transformers processor
   refuses `video_processor=None` (its `check_argument_for_proper_class`), as do its save/load. Ours
@@ -43,17 +58,58 @@ import torch
 
 log = logging.getLogger("vzero_fast.model")
 
-MODEL_TYPE = "qwen2_5_vl"
+
+
+@dataclass(frozen=True)
+class Family:
+    """What differs between the supported model families."""
+
+    model_type: str
+    """config.json's model_type."""
+    name: str
+    """For messages: "Qwen2.5-VL"."""
+    model_class: str
+    """transformers' class that loads a checkpoint of the family."""
+    config_class: str
+    """Its config class."""
+
+
+FAMILIES = {f.model_type: f for f in (
+    Family("qwen2_5_vl", "Qwen2.5-VL", "Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLConfig"),
+    Family("qwen3_vl", "Qwen3-VL", "Qwen3VLForConditionalGeneration", "Qwen3VLConfig"),
+    Family("qwen3_5", "Qwen3.5", "Qwen3_5ForConditionalGeneration", "Qwen3_5Config"),
+)}
+"""The supported families by model_type."""
+
+
+def family(model_type: str) -> Family:
+    """The Family of a model_type; ValueError naming the supported ones otherwise."""
+    if model_type not in FAMILIES:
+        raise ValueError(f"unsupported model_type {model_type!r}: supported are {', '.join(FAMILIES)}")
+    return FAMILIES[model_type]
+
+
+def model_class(model_type: str) -> type:
+    """transformers' ...ForConditionalGeneration class of a family."""
+    return getattr(importlib.import_module("transformers"), family(model_type).model_class)
+
+
+def config_class(model_type: str) -> type:
+    """transformers' config class of a family."""
+    return getattr(importlib.import_module("transformers"), family(model_type).config_class)
+
 ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "flash_attention_2", "eager")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 IMAGE_TOKEN = "<|image_pad|>"
 VIDEO_TOKEN = "<|video_pad|>"
+OPEN_THINK = "<think>\n"
+"""How a thinking model's template opens the reasoning block at the end of the generation prompt."""
 # Tokens a policy must never emit: a sampled placeholder breaks the next multimodal forward.
 VISION_SPECIAL_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", IMAGE_TOKEN, VIDEO_TOKEN)
 
 
 class ModelDirError(FileNotFoundError, ValueError):
-    """A model directory is missing, incomplete or not a Qwen2.5-VL checkpoint (the message names the file)."""
+    """A model directory is missing, incomplete or not a supported checkpoint (the message names the file)."""
 
 
 # ----------------------------------------------------------------------------- resolution of settings
@@ -130,15 +186,15 @@ def _read_config(path: Path) -> dict:
 
 
 def check_model_dir(path: str | Path) -> Path:
-    """Check that `path` holds a loadable Qwen2.5-VL checkpoint; return it, or raise ModelDirError naming
-    the missing/broken file (config.json, weights, tokenizer, preprocessor_config.json)."""
+    """Check that `path` holds a loadable checkpoint of a supported family (FAMILIES); return it, or raise
+    ModelDirError naming the missing/broken file (config.json, weights, tokenizer, preprocessor_config.json)."""
     path = Path(path).expanduser()
     if not path.is_dir():
         raise ModelDirError(f"model directory {path} does not exist (or is not a directory)")
     config = _read_config(path)
-    if config.get("model_type") != MODEL_TYPE:
-        raise ModelDirError(f"config.json in {path} has model_type {config.get('model_type')!r}, "
-                            f"expected {MODEL_TYPE!r} (a Qwen2.5-VL checkpoint)")
+    if config.get("model_type") not in FAMILIES:
+        raise ModelDirError(f"config.json in {path} has model_type {config.get('model_type')!r}, expected one of "
+                            + ", ".join(f"{t!r} ({f.name})" for t, f in FAMILIES.items()))
     index = path / "model.safetensors.index.json"
     if index.is_file():
         try:
@@ -159,6 +215,17 @@ def check_model_dir(path: str | Path) -> Path:
     if not (path / "preprocessor_config.json").is_file():
         raise ModelDirError(f"model directory {path} has no preprocessor_config.json (the image processor)")
     return path
+
+
+def image_factor(path: str | Path) -> int:
+    """Pixels per image token along a side for the checkpoint at `path` (patch_size x merge_size of its
+    preprocessor_config.json): 28 for Qwen2.5-VL, 32 for the Qwen3 families."""
+    pre = Path(path).expanduser() / "preprocessor_config.json"
+    try:
+        config = json.loads(pre.read_text())
+        return int(config.get("patch_size", 14)) * int(config.get("merge_size", 2))
+    except (OSError, json.JSONDecodeError, TypeError, ValueError) as e:
+        raise ModelDirError(f"cannot read the patch and merge sizes from {pre}: {e}") from e
 
 
 # ----------------------------------------------------------------------------- processor
@@ -186,6 +253,8 @@ class Processor:
         self.image_token_id = self._token_id(IMAGE_TOKEN)
         self.video_token_id = self._token_id(VIDEO_TOKEN)
         self.merge_size = int(image_processor.merge_size)
+        self.factor = int(image_processor.patch_size) * self.merge_size
+        """Pixels per image token along a side: 28 (Qwen2.5-VL) or 32 (Qwen3 families)."""
 
     def _token_id(self, token: str) -> int:
         token_id = self.tokenizer.convert_tokens_to_ids(token)
@@ -194,8 +263,13 @@ class Processor:
         return token_id
 
     def apply_chat_template(self, messages: list[dict], *, add_generation_prompt: bool = True) -> str:
-        return self.tokenizer.apply_chat_template(messages, chat_template=self.chat_template, tokenize=False,
+        """The rendered conversation; a generation prompt that opens a think block (Qwen3.5's template ends
+        it with "<think>\n") loses that opening: the recipes' formats have the response write it."""
+        text = self.tokenizer.apply_chat_template(messages, chat_template=self.chat_template, tokenize=False,
                                                   add_generation_prompt=add_generation_prompt)
+        if add_generation_prompt and text.endswith(OPEN_THINK):
+            text = text[: -len(OPEN_THINK)]
+        return text
 
     def __call__(self, *, text: str | list[str], images: list | None = None,
                  padding_side: str = "left") -> dict[str, torch.Tensor]:
@@ -267,7 +341,7 @@ class Policy:
     """A loaded model with its processor, device and dtype."""
 
     model: torch.nn.Module
-    """transformers' Qwen2_5_VLForConditionalGeneration."""
+    """transformers' ...ForConditionalGeneration of the checkpoint's family (FAMILIES)."""
     processor: Processor
     """Tokenizer + image processor + chat template."""
     device: torch.device
@@ -331,24 +405,25 @@ class Policy:
 
 def load_policy(path: str | Path, *, dtype: str | torch.dtype = "auto", attn_implementation: str = "auto",
                 device: str | torch.device = "auto", name: str = "") -> Policy:
-    """Load a Qwen2.5-VL checkpoint directory as a Policy (eval mode; callers switch to train()); `name` says
-    in the log line what it is loaded as (a role, a KL reference, ...)."""
-    from transformers import GenerationConfig, Qwen2_5_VLForConditionalGeneration
+    """Load a checkpoint directory of any supported family as a Policy (eval mode; callers switch to train());
+    `name` says in the log line what it is loaded as (a role, a KL reference, ...)."""
+    from transformers import GenerationConfig
 
     path = check_model_dir(path)
+    fam = family(_read_config(path)["model_type"])
     processor = load_processor(path)
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
     attn = pick_attn_implementation(attn_implementation, device)
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=torch_dtype, attn_implementation=attn)
+    model = model_class(fam.model_type).from_pretrained(path, dtype=torch_dtype, attn_implementation=attn)
     model.to(device).eval()
     # Sampling is defined by generate()'s arguments alone (see the module docstring).
     model.generation_config = GenerationConfig(eos_token_id=processor.tokenizer.eos_token_id,
                                                pad_token_id=processor.tokenizer.pad_token_id)
     policy = Policy(model=model, processor=processor, device=device, dtype=torch_dtype, attn_implementation=attn,
                     path=path)
-    log.info("loaded %s%s: %.1fM parameters, dtype %s, device %s, attention %s (checkpoint generation "
-             "defaults ignored)", f"{name} from " if name else "", path, policy.num_parameters / 1e6, str(torch_dtype).removeprefix("torch."),
+    log.info("loaded %s%s (%s): %.1fM parameters, dtype %s, device %s, attention %s (checkpoint generation "
+             "defaults ignored)", f"{name} from " if name else "", path, fam.name, policy.num_parameters / 1e6, str(torch_dtype).removeprefix("torch."),
              device, attn)
     return policy
 
@@ -436,6 +511,6 @@ def generate(policy: Policy, images: list | None, texts: list[str], *, max_new_t
     return policy.processor.batch_decode(new, skip_special_tokens=True)
 
 
-__all__ = ["ATTN_IMPLEMENTATIONS", "ModelDirError", "Policy", "Processor", "chat_prompt", "check_model_dir",
-           "encode_prompts", "forward_hidden", "generate", "generate_ids", "load_policy", "load_processor",
-           "mm_token_types", "pick_attn_implementation", "resolve_device", "resolve_dtype"]
+__all__ = ["ATTN_IMPLEMENTATIONS", "FAMILIES", "Family", "ModelDirError", "Policy", "Processor", "chat_prompt", "check_model_dir",
+           "config_class", "encode_prompts", "family", "forward_hidden", "image_factor", "generate", "generate_ids", "load_policy", "load_processor",
+           "mm_token_types", "model_class", "pick_attn_implementation", "resolve_device", "resolve_dtype"]

