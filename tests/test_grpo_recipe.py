@@ -124,6 +124,9 @@ def test_colour_task_labels_match_the_pixels_and_chance():
 STEPS = 40
 
 
+HELD_OUT = 20  # colour items of the built-in benchmark (vzero_fast/eval_bench.py)
+
+
 def test_grpo_reward_rises_from_chance(tmp_path):
     """The tiny preset on the colour task at 168 px (36 image tokens; at 112 px it learns too slowly for a
     test, see the tiny preset), 40 steps: 85 s of CPU (1 thread). One test, so that xdist runs it once."""
@@ -152,6 +155,24 @@ def test_grpo_reward_rises_from_chance(tmp_path):
                                                                  dtype=torch.float32)
     base = Qwen2_5_VLForConditionalGeneration.from_pretrained(out / "format-warmup", dtype=torch.float32)
     assert not torch.equal(trained.lm_head.weight, base.lm_head.weight)  # it trained, and transformers loads it
+
+    # Held out: colour items of the built-in benchmark (seeds disjoint from training's), greedy, before and after.
+    from vzero_fast.eval_bench import SYNTHETIC_PLAN, synthetic_item
+    from vzero_fast.evaluate import evaluate_engine
+    from vzero_fast.model import load_policy
+    from vzero_fast.rollout import NativeEngine
+
+    stride = len(SYNTHETIC_PLAN)  # item i is a colour item when i % 7 == 0
+    items = [synthetic_item(i, size=168) for i in range(0, HELD_OUT * stride, stride)]
+    assert {it.category for it in items} == {"colour"}
+    accuracy = {}
+    for name, path in (("base", out / "format-warmup"), ("trained", out / "checkpoints" / "learner" / "iter-1")):
+        policy = load_policy(path, dtype="float32", device="cpu", attn_implementation="sdpa")
+        rows = evaluate_engine(NativeEngine(policy, seed=0), items, max_new_tokens=cfg.learner.max_response_tokens,
+                               bounds=(cfg.data.min_pixels, cfg.data.max_pixels), show_progress=False)
+        accuracy[name] = float(np.mean([r["correct"] for r in rows]))
+    print(f"held-out colour accuracy (greedy, {HELD_OUT} items): {accuracy}")
+    assert accuracy["trained"] >= accuracy["base"] + 0.2, accuracy
 
 
 def test_grpo_config_checked():

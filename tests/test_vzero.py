@@ -249,7 +249,8 @@ ROW_KEYS = ("image", "image_index", "valid", "description", "question", "options
 
 
 def test_tiny_vzero_end_to_end(tmp_path, tiny_model_dir):
-    """1 iteration, 2 GRPO steps per role, from the shared tiny model (format warm-up included)."""
+    """1 iteration, 2 GRPO steps per role, from the shared tiny model (format warm-up included), evaluated on
+    the built-in benchmark every 2 steps."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     from vzero_fast.model import check_model_dir
@@ -259,7 +260,8 @@ def test_tiny_vzero_end_to_end(tmp_path, tiny_model_dir):
     threads = torch.get_num_threads()
     cfg = resolve("tiny", None, parse_overrides([
         "--train.out", str(tmp_path), "--model.path", str(tiny_model_dir), "--train.recipe", "vzero",
-        "--train.iterations", "1", "--train.max_steps_per_role", "2", "--data.synthetic_images", "24"]))
+        "--train.iterations", "1", "--train.max_steps_per_role", "2", "--data.synthetic_images", "24",
+        "--train.eval_every", "2"]))
     try:
         trainer = Trainer(cfg)
         state = trainer.run(build_recipe("vzero", trainer))
@@ -279,6 +281,10 @@ def test_tiny_vzero_end_to_end(tmp_path, tiny_model_dir):
     assert -1.0 <= rows[0]["reward_mean"] <= 0.5
     assert rows[2]["questions"] == 24 and rows[2]["questions_kept"] >= 1
     assert "time_format_warmup" in rows[0] and "time_questions" in rows[2] and "time_labels" in rows[2]
+    # train.eval_every 2: the built-in benchmark scores the stepping role after global steps 2 and 4 only.
+    assert [r["global_step"] for r in rows if "eval_accuracy" in r] == [2, 4]
+    for r in rows[1::2]:
+        assert r["eval_items"] > 0 and 0.0 <= r["eval_accuracy"] <= 1.0 and r["time_eval"] > 0
 
     questions = [json.loads(line) for line in (tmp_path / "questions-iter1.jsonl").read_text().splitlines()]
     assert len(questions) == 24 and all(set(q) == set(ROW_KEYS) for q in questions)
