@@ -86,7 +86,7 @@ MUTANTS = [
            "", ("tests/test_trainer_seams.py::test_engines_come_from_make_engine_and_follow_the_updates",),
            "an engine with its own weights (vLLM) would keep sampling from the old policy"),
     Mutant("seam-never-wakes", "vzero_fast/grpo.py",
-           "                    self.engine.wake()\n", "                    pass\n",
+           "                self.engine.wake()\n", "                pass\n",
            ("tests/test_trainer_seams.py::test_engines_come_from_make_engine_and_follow_the_updates",),
            "the engine sleeps after the first update and is asked to generate asleep"),
     Mutant("vllm-level2-wake-keeps-nothing", "vzero_fast/rollout_vllm.py",

@@ -348,10 +348,6 @@ def run_eval(args) -> int:
     return 0
 
 
-_train_bench: dict[int, Bench] = {}  # by image size
-_train_engines: dict[int, tuple] = {}  # id(policy) -> (policy, engine): built once per role, not once per eval
-
-
 def eval_during_training(trainer, role) -> dict[str, Any]:
     """`train.eval_every` (trainer.step_done): every N global steps, the stepping role's greedy accuracy on
     TRAIN_EVAL_ITEMS synthetic items as `eval_*` metrics ({} on other steps). Every rank runs it (the native
@@ -360,20 +356,13 @@ def eval_during_training(trainer, role) -> dict[str, Any]:
     if not every or trainer.state["global_step"] % every:
         return {}
     from vzero_fast.model import image_factor
-    from vzero_fast.rollout import make_engine
+    from vzero_fast.rollout import NativeEngine
 
     data = trainer.cfg.data
-    key = data.synthetic_size
-    with trainer.timer("eval"):
-        if key not in _train_bench:
-            _train_bench[key] = synthetic_bench(TRAIN_EVAL_ITEMS, key)
-        policy, engine = _train_engines.get(id(role.policy), (None, None))
-        if policy is not role.policy:
-            if len(_train_engines) >= 8:  # a long-lived process (tests) trains many policies
-                _train_engines.clear()
-            engine = make_engine(role.policy, "native", seed=trainer.cfg.train.seed)
-            _train_engines[id(role.policy)] = (role.policy, engine)
-        rows = evaluate_engine(engine, _train_bench[key].items, k=0, max_new_tokens=role.cfg.max_response_tokens,
+    with trainer.timer("eval"):  # a native engine on the role's own weights costs nothing to build; greedy: no seed used
+        engine = NativeEngine(role.policy)
+        items = synthetic_bench(TRAIN_EVAL_ITEMS, data.synthetic_size).items
+        rows = evaluate_engine(engine, items, k=0, max_new_tokens=role.cfg.max_response_tokens,
                                batch=TRAIN_EVAL_ITEMS, factor=image_factor(trainer.model_path),
                                bounds=(data.min_pixels, data.max_pixels), show_progress=False)
     s = summarize_by_category(rows)

@@ -76,15 +76,14 @@ def group_advantages(rewards: torch.Tensor, *, kind: str = "grpo", eps: float = 
 
     grpo: (r - mean) / (std + eps) with the unbiased std; a group of one gets std := 1.
     drgrpo: r - mean. Zero-variance groups give 0 either way.
-    group-softmax (Self-Judge): a~ = beta r - logsumexp_j(beta r_j), A = a~ - mean(a~), no std division
-    (equal to beta (r - mean r)); a group of one gets 0.
+    group-softmax (Self-Judge): a~ = beta r - logsumexp_j(beta r_j), A = a~ - mean(a~), no std division. The
+    logsumexp is one constant per group and cancels in the centring: A = beta (r - mean r), computed so; a
+    group of one gets 0.
     """
     rewards = rewards.to(torch.float32)
-    if kind == "group-softmax":
-        logits = beta * rewards
-        a = logits - logits.logsumexp(dim=1, keepdim=True)  # [G, n] log-softmax over the group
-        return a - a.mean(dim=1, keepdim=True)
     centred = rewards - rewards.mean(dim=1, keepdim=True)  # [G, n]
+    if kind == "group-softmax":
+        return beta * centred
     if kind == "drgrpo":
         return centred
     if kind != "grpo":
@@ -319,17 +318,22 @@ class Role:
             "rollout_tokens_per_s": torch.tensor(tok_s),  # summed over the ranks
         }
         if n_kept > 0:  # every rank trains (possibly on no local group: FSDP passes are collective)
-            batch = SampleBatch.from_outputs(kept, adv[keep])
-            syncs = self.engine.syncs  # engines that hold their own weights count their loads
-            self.engine.sleep()  # the updates get the device memory the engine held
-            try:
-                metrics.update(self.train_on(batch, timer=timer))
-            finally:
-                with timer("weight_sync"):  # an engine that holds its own weights loads the step's last sync here
-                    self.engine.wake()
-            if self.engine.syncs != syncs:
-                metrics["weight_sync_gbps"] = torch.tensor(self.engine.last_sync["gbps"])
+            metrics.update(self.update(SampleBatch.from_outputs(kept, adv[keep]), timer=timer))
         self.step += 1
+        return metrics
+
+    def update(self, batch: SampleBatch, *, timer: StageTimer) -> dict:
+        """`train_on` with the engine asleep (the updates get the device memory it held), then its wake, which
+        is where an engine holding its own weights loads the step's last sync (`weight_sync_gbps` then)."""
+        syncs = self.engine.syncs
+        self.engine.sleep()
+        try:
+            metrics = self.train_on(batch, timer=timer)
+        finally:
+            with timer("weight_sync"):
+                self.engine.wake()
+        if self.engine.syncs != syncs:
+            metrics["weight_sync_gbps"] = torch.tensor(self.engine.last_sync["gbps"])
         return metrics
 
     def train_on(self, batch: SampleBatch, *, timer: StageTimer) -> dict:
@@ -446,9 +450,10 @@ class Role:
             logp, ent = token_logprobs(policy, policy.lm_head_weight, mb, cfg.temperature, return_entropy=True)
             old = batch.old_logprobs[mb.rows] if batch.old_logprobs is not None else None
             ref = batch.ref_logprobs[mb.rows] if batch.ref_logprobs is not None else None
-            adv = batch.advantages.to(dev)[mb.rows]  # [b] or [b, R]
             if batch.token_advantages is not None:
                 adv = batch.token_advantages(logp.detach(), mb.rows, mb.mask)  # [b, R]
+            else:
+                adv = batch.advantages.to(dev)[mb.rows]  # [b] or [b, R]
             loss, m = grpo_loss(logp, adv, mb.mask, old_logprobs=old,
                                 ref_logprobs=ref, clip_low=cfg.clip_low, clip_high=cfg.clip_high,
                                 clip_c=cfg.clip_c or None, kl_coef=cfg.kl_coef if ref is not None else 0.0,

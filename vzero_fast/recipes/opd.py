@@ -71,12 +71,17 @@ def evidence_gate(pos_logp: torch.Tensor, neg_logp: torch.Tensor, mask: torch.Te
     m = mask != 0
     dtype = torch.promote_types(pos_logp.dtype, torch.float32)
     delta = torch.where(m, pos_logp.to(dtype) - neg_logp.to(dtype), 0.0)  # [G, n, T]
-    gated = delta.clamp(min=0) - gamma * (-delta).clamp(min=0)  # Delta_t
+    gated = _evidence(delta, gamma)
     p = gated.sum(-1) / m.sum(-1).to(dtype).clamp(min=LENGTH_FLOOR)  # [G, n]: each response's own mean
     a = (p - p.mean(1, keepdim=True)) / (p.std(1, unbiased=False, keepdim=True) + GATE_EPS)
     w = (1.0 + alpha * a).clamp(0.0, 2.0)
     flat = p.amax(1, keepdim=True) == p.amin(1, keepdim=True)  # a group of one, or zero variance
     return torch.where(flat, torch.ones_like(w), w).detach()
+
+
+def _evidence(delta: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Delta_t = relu(delta_t) - gamma relu(-delta_t)."""
+    return delta.clamp(min=0) - gamma * (-delta).clamp(min=0)
 
 
 def distill_advantages(student_logp: torch.Tensor, teacher_logp: torch.Tensor, mask: torch.Tensor,
@@ -282,7 +287,7 @@ class OPDRecipe:
         w = evidence_gate(pos.view(G, n, R), neg.view(G, n, R), mask.view(G, n, R), gamma=oc.gamma,
                           alpha=oc.alpha).reshape(B) if G else pos.new_zeros(0)  # a rank may have no item
         delta = torch.where(mask, pos - neg, 0.0)
-        Delta = delta.clamp(min=0) - oc.gamma * (-delta).clamp(min=0)
+        Delta = _evidence(delta, oc.gamma)
         f64 = torch.float64
         sums = torch.stack([w.sum(), (w * w).sum(), (w > 1).sum(), delta.sum(), Delta.sum(), mask.sum(),
                             lengths.sum(), lengths.max() if B else lengths.new_zeros(())]).to("cpu", f64)
@@ -315,15 +320,7 @@ class OPDRecipe:
             return distill_advantages(logp, teacher, mask, w[rows], clamp=clamp)
 
         batch.token_advantages = token_advantages
-        syncs = role.engine.syncs
-        role.engine.sleep()
-        try:
-            out = role.train_on(batch, timer=timer)
-        finally:
-            with timer("weight_sync"):
-                role.engine.wake()
-        if role.engine.syncs != syncs:
-            out["weight_sync_gbps"] = torch.tensor(role.engine.last_sync["gbps"])
+        out = role.update(batch, timer=timer)
         d_sum, d_count = dist.all_reduce(d_acc).unbind(0)
         out["d_mean"] = d_sum / d_count.clamp(min=1.0)
         return out
