@@ -275,6 +275,60 @@ MUTANTS = [
            'if not every or trainer.state["global_step"] % every:', "if not every:",
            ("tests/test_eval.py::test_eval_every_writes_eval_rows_into_metrics",),
            "train.eval_every N evaluates after every step instead of every N-th"),
+    # ---------------------------------------------------------------------------------- MM-Zero (issue 16)
+    Mutant("mmzero-c-over-all-answers", "vzero_fast/recipes/mmzero_rules.py",
+           "return float(s), max(len(k) for k in answer_clusters(valid)) / len(valid)",
+           "return float(s), max(len(k) for k in answer_clusters(valid)) / len(hard_answers)",
+           ("tests/test_mmzero_rules.py",),
+           "hard consistency divided by all answers: invalid ones (None, n/a) lower c"),
+    Mutant("mmzero-low-difficulty-mean-over-all", "vzero_fast/recipes/mmzero_rules.py",
+           "if d and sum(d) / len(d) < EASY_HARD_THRESHOLD:",
+           "if d and sum(d) / len(renders) < EASY_HARD_THRESHOLD:",
+           ("tests/test_mmzero_rules.py",),
+           "the -0.3 penalty averages d over failed renders too"),
+    Mutant("mmzero-coder-floor-dropped", "vzero_fast/recipes/mmzero_rules.py",
+           "    return max(-0.5, r)\n", "    return r\n",
+           ("tests/test_mmzero_rules.py",),
+           "a not-rendered, not-SVG program scores -0.6 instead of the floor -0.5"),
+    Mutant("mmzero-easy-hard-swapped", "vzero_fast/recipes/mmzero.py",
+           "p.easy = [solver_answer(s.text) for s in outs[2 * j].samples]",
+           "p.easy = [solver_answer(s.text) for s in outs[2 * j + 1].samples]",
+           ("tests/test_mmzero.py::test_answer_sets_s_and_c_from_the_easy_and_the_hard_question",),
+           "solvability computed from the hard question's answers"),
+    Mutant("render-aspect-limit", "vzero_fast/render_worker.py",
+           "if max(width, height) / min(width, height) > MAX_ASPECT:",
+           "if max(width, height) / min(width, height) > 10 * MAX_ASPECT:",
+           ("tests/test_render.py::test_svg_size_rules_at_their_boundaries",),
+           "a 101:1 canvas renders (the reference fails aspect > 100)"),
+    # ------------------------------------------------------------------------------------ LoRA (issue 19)
+    Mutant("lora-scaling-dropped", "vzero_fast/lora.py",
+           "return (out + self.lora_B(self.lora_A(x)) * self.scaling).to(out.dtype)",
+           "return (out + self.lora_B(self.lora_A(x))).to(out.dtype)",
+           ("tests/test_lora.py::test_lora_linear_forward_and_gradients_equal_the_formula",
+            "tests/test_lora.py::test_forward_equals_peft"),
+           "the update without alpha / r: every adapter trained here means something else in PEFT or vLLM"),
+    Mutant("lora-base-trainable", "vzero_fast/lora.py",
+           "p.requires_grad_(trainable and _is_adapter(n))", "p.requires_grad_(trainable)",
+           ("tests/test_lora.py::test_view_shares_every_base_tensor_and_trains_only_adapters",),
+           "the shared base gets gradients and AdamW state: every role would move every other role's weights"),
+    Mutant("lora-reference-is-the-role", "vzero_fast/grpo.py",
+           "self.reference = lora.frozen_copy(self.policy.model)", "self.reference = self.policy.model",
+           ("tests/test_lora.py::test_role_optimizer_and_reference_on_a_view",),
+           "the KL reference moves with the role it regularises (KL always 0)"),
+    Mutant("lora-merge-unscaled", "vzero_fast/lora.py",
+           "w.copy_((w.float() + (b.to(w.device) @ a.to(w.device)) * scaling).to(w.dtype))",
+           "w.copy_((w.float() + (b.to(w.device) @ a.to(w.device))).to(w.dtype))",
+           ("tests/test_lora.py::test_export_merged_loads_in_transformers_with_equal_logprobs",),
+           "an exported checkpoint that is not base + adapter"),
+    Mutant("lora-fresh-adapter-not-saved", "vzero_fast/checkpoint.py",
+           "if tag is None and role.step == 0 and role.name not in self._saved and not adapter:",
+           "if tag is None and role.step == 0 and role.name not in self._saved:",
+           ("tests/test_lora_train.py::test_vzero_lora_sigkill_then_resume",),
+           "a role saved before its first step points at the base directory: its random A is lost on resume"),
+    Mutant("lora-fsdp-shards-the-base", "vzero_fast/distributed.py",
+           '        kwargs["ignored_params"] = ignored_params\n', "        pass\n",
+           ("tests/test_lora_distributed.py::test_two_ranks_equal_one_process_with_adapters",),
+           "FSDP2 shards the shared base into one view: a copy per view, and the other views lose it"),
 ]
 
 
@@ -314,6 +368,11 @@ VLLM_MUTANTS = [
            "            self.dtype = torch.bfloat16\n", "",
            ("tests/test_vllm_families.py::test_greedy_and_logprobs_match_the_trainer",),
            "a Qwen3.5 engine built in fp32 on the CPU, where vLLM's DeltaNet kernel takes bf16 only"),
+    Mutant("vllm-lora-request-dropped", "vzero_fast/rollout_vllm.py",
+           "results = self.llm.generate(prompts, params, use_tqdm=False, lora_request=self._lora_request)",
+           "results = self.llm.generate(prompts, params, use_tqdm=False)",
+           ("tests/test_lora_vllm.py",),
+           "a LoRA role's rollouts sample the bare base: every sampled log-prob is another model's"),
 ]
 
 
@@ -336,6 +395,9 @@ def snapshot(dest: Path) -> None:
 def env_for(copy: Path) -> dict[str, str]:
     env = {**os.environ, "PYTHONPATH": str(copy), "PYTHONDONTWRITEBYTECODE": "1"}
     env.setdefault("OMP_NUM_THREADS", "1")
+    sandbox = ROOT / "vzero_fast" / "_bin" / "vzero-sandbox"  # built, so not in the copy (git ignores it)
+    if sandbox.exists():
+        env.setdefault("VZERO_SANDBOX", str(sandbox))
     return env
 
 

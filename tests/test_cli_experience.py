@@ -108,6 +108,19 @@ def test_preset_follows_the_model(tmp_path, tiny_model_dir):
         preset_for_model(_fake_model(tmp_path / "32b", 5120))
 
 
+def test_mmzero_on_a_7b_model_gets_the_mmzero_preset(tmp_path):
+    """--recipe mmzero --model <7B> without --preset: MM-Zero's settings (Solver groups of 8, 72 proposals a step),
+    not V-Zero's."""
+    from vzero_fast.cli import _train_config, build_parser
+
+    model = _fake_model(tmp_path / "7b", 3584)
+    args, extra = build_parser().parse_known_args(["train", "--recipe", "mmzero", "--model", str(model)])
+    cfg = _train_config(args, extra)
+    assert (cfg.train.recipe, cfg.solver.rollout_n, cfg.proposer.prompts_per_step) == ("mmzero", 8, 18)
+    args, extra = build_parser().parse_known_args(["train", "--recipe", "vzero", "--model", str(model)])
+    assert _train_config(args, extra).solver.rollout_n == 5
+
+
 def _plant_images(folder):
     """6 good images and one bad file per skip reason; returns the planted reasons."""
     folder.mkdir()

@@ -14,8 +14,8 @@ import torch
 from _engine_ref import forward_logprob_gap
 from safetensors.torch import load_file
 
-from kernels import fused_linear_logprob
 from vzero_fast.data import open_images, synthetic_figure
+from vzero_fast.kernels import fused_linear_logprob
 from vzero_fast.model import encode_prompts, forward_hidden, image_factor, load_policy, model_class
 from vzero_fast.rollout import NativeEngine, Request, SamplingParams
 from vzero_fast.tiny import FAMILIES, build_tiny

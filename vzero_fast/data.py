@@ -42,6 +42,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import functools
+import io
 import json
 import logging
 import math
@@ -52,7 +53,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFile, ImageFont, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageDraw, ImageFile, ImageFont, ImageOps, PngImagePlugin, UnidentifiedImageError
 
 log = logging.getLogger("vzero_fast.data")
 
@@ -198,6 +199,16 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         canvas.alpha_composite(rgba)
         return canvas.convert("RGB")
     return image.convert("RGB")
+
+
+def image_from_png(data: bytes, *, min_pixels: int, max_pixels: int, factor: int = 28) -> Image.Image:
+    """A PNG made by vzero_fast's renderer (vzero_fast/render.py, which checked it: at most 16384 px a side) as
+    RGB inside the bounds, transparency composited on white as for files. Decoded without PIL's
+    decompression-bomb guard (89M px, the limit `read_image` keeps for files): the renderer's rules allow
+    16384 x 16384."""
+    image = PngImagePlugin.PngImageFile(io.BytesIO(data))
+    image.load()
+    return resize_to_bounds(_to_rgb(image), min_pixels, max_pixels, factor=factor)
 
 
 def _classify_unidentified(path: Path) -> BadImageError:

@@ -17,6 +17,11 @@ Decisions:
   MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32) over fp32 master weights: with AdamW that is
   16 bytes per parameter, divided by the number of ranks; `dist.cpu_offload` moves the shards, gradients and
   optimizer state to CPU memory (FSDP2's CPUOffloadPolicy).
+- LoRA (vzero_fast/lora.py): a role is a view of one frozen base; `shard_model(view, ignored_params=base)`
+  shards its adapters only (fp32, no mixed precision) and leaves the base replicated on every rank, untouched
+  (FSDP's ignored_params): the base is shared by every view, and sharding it per view would copy it. The
+  adapters' gradients are reduce-scattered like any other; checkpoints gather the adapters alone
+  (lora.full_adapter_state) and load them into each rank's shard without communication.
 - Our forwards call `model.base_model` (logits are never built) and hand lm_head's weight to the streaming
   log-prob kernel, so the root module's own forward never runs. Three consequences, handled here: a forward
   pre-hook on base_model unshards the root group (a no-op when already gathered); the gradients of the root's
@@ -255,11 +260,17 @@ def mixed_precision_dtype(world: World) -> torch.dtype | None:
     return torch.bfloat16
 
 
-def shard_model(model: torch.nn.Module, world: World) -> torch.nn.Module:
-    """Apply FSDP2 to a Qwen2.5-VL model in place (vision blocks, decoder layers, root); returns it."""
+def shard_model(model: torch.nn.Module, world: World, *,
+                ignored_params: set[torch.nn.Parameter] | None = None) -> torch.nn.Module:
+    """Apply FSDP2 to a Qwen2.5-VL model in place (vision blocks, decoder layers, root); returns it.
+
+    `ignored_params` stay unsharded and untouched (a LoRA view's shared frozen base: only its adapters are
+    sharded, in their own fp32, without mixed precision)."""
     fully_shard, _, MixedPrecisionPolicy, CPUOffloadPolicy = _fsdp_api()
     kwargs: dict[str, Any] = {}
-    param_dtype = mixed_precision_dtype(world)
+    param_dtype = mixed_precision_dtype(world) if not ignored_params else None
+    if ignored_params:
+        kwargs["ignored_params"] = ignored_params
     if param_dtype is not None:
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     if world.cfg.cpu_offload:
@@ -285,8 +296,13 @@ def shard_model(model: torch.nn.Module, world: World) -> torch.nn.Module:
     model.train(was_training)
     with gathered(model):  # every group gathered once on every rank (see the module docstring)
         pass
-    log.info("FSDP2: %d units + root over %d ranks; mixed precision %s; CPU offload %s", len(units),
-             world.world_size, param_dtype or "off", "on" if world.cfg.cpu_offload else "off")
+    from torch.distributed.tensor import DTensor
+
+    sharded = sum(p.numel() for p in model.parameters() if isinstance(p, DTensor))
+    log.info("FSDP2: %d units + root over %d ranks; mixed precision %s; CPU offload %s; %.2fM parameters sharded, "
+             "%.2fM replicated (ignored)", len(units), world.world_size, param_dtype or "off",
+             "on" if world.cfg.cpu_offload else "off", sharded / 1e6,
+             sum(p.numel() for p in ignored_params or ()) / 1e6)
     return model
 
 
@@ -408,11 +424,14 @@ def optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) ->
 
 
 def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
-    """Inverse of `optimizer_state`, from a run with any number of ranks (rank 0's `state` when sharded)."""
+    """Inverse of `optimizer_state`, from a run with any number of ranks (rank 0's `state` when sharded).
+
+    Not strict: a trainable parameter that never received a gradient (the vision tower of a text-only role such
+    as MM-Zero's Proposer) has no AdamW state in the checkpoint, exactly as in the optimizer that saved it."""
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
     if not is_sharded(model):
-        set_optimizer_state_dict(model, optimizer, optim_state_dict=state)
+        set_optimizer_state_dict(model, optimizer, optim_state_dict=state, options=_options(strict=False))
         return
     set_optimizer_state_dict(model, optimizer, optim_state_dict=state if is_main() else {},
-                             options=_options(full_state_dict=True, broadcast_from_rank0=True))
+                             options=_options(full_state_dict=True, broadcast_from_rank0=True, strict=False))

@@ -29,6 +29,9 @@ Decisions:
 - The engine seam (vzero_fast/rollout.py): the engine sleeps from the end of the reward to the end of the updates,
   and `engine.sync_weights(policy)` follows every optimizer step (a no-op for the native engine, which samples
   with these very weights; an engine holding its own copy, such as vLLM, must receive each update).
+- LoRA roles (vzero_fast/lora.py): the policy is a view of a shared frozen base, so the optimizer holds the
+  adapters only (the parameters that require grad), the fused log-prob kernel reads the frozen lm_head, and
+  `freeze_reference` copies the adapter, never the base.
 - Randomness is derived from (seed, role, step) counters, so a resumed run draws exactly what an
   uninterrupted one would (no generator state has to be saved).
 - Advantages are per sample [B] (GRPO) or per token [B, R] (the loss takes both); a batch may instead carry
@@ -55,6 +58,7 @@ from dataclasses import dataclass, field
 import torch
 
 from vzero_fast import distributed as dist
+from vzero_fast import lora
 from vzero_fast.config import RoleConfig
 from vzero_fast.kernels import fused_linear_logprob, grpo_loss
 from vzero_fast.kernels.grpo_loss import METRICS as LOSS_METRICS
@@ -276,6 +280,9 @@ class Role:
         stage-start weights from disk so that a resumed stage gets the same reference)."""
         if self.cfg.kl_coef == 0:
             self.reference = None
+            return
+        if lora.has_adapters(self.policy.model):  # the shared base plus a frozen copy of the adapter only
+            self.reference = lora.frozen_copy(self.policy.model)
             return
         ref = copy.deepcopy(self.policy.model).eval()
         for p in ref.parameters():

@@ -341,7 +341,8 @@ class Policy:
     """A loaded model with its processor, device and dtype."""
 
     model: torch.nn.Module
-    """transformers' ...ForConditionalGeneration of the checkpoint's family (FAMILIES)."""
+    """transformers' ...ForConditionalGeneration of the checkpoint's family (FAMILIES), or a LoRA view of one (the
+    same class over a shared frozen base's tensors, vzero_fast/lora.py)."""
     processor: Processor
     """Tokenizer + image processor + chat template."""
     device: torch.device

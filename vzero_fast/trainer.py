@@ -15,6 +15,11 @@ Decisions:
   that stage's starting directory (the base model, or `checkpoints/<role>/iter-<k-1>`), so a resumed
   stage gets the same reference; roles starting from the same directory share one frozen copy.
 - A role's weights are written at the end of each of its stages as `iter-<k>` (kept always).
+- LoRA (model.lora.rank > 0, vzero_fast/lora.py): the base is loaded once, frozen (`base_policy`), and every
+  `load_policy` of a role, a KL reference or a frozen role returns a view of it (`lora_policy`): a fresh
+  adapter, an adapter read from a checkpoint directory, or the base itself. Recipes change nothing: `add_role`
+  and `load_policy` keep their signatures. A role's iteration-1 reference is the base (a fresh adapter equals
+  it); a later one is the base plus the adapter of `checkpoints/<role>/iter-<k-1>`.
 - Under torchrun (vzero_fast/distributed.py) every rank runs this same loop on its share of each step's
   prompts (`self.world.rank` / `world_size` for `data.step_items`); models are FSDP2-sharded as they load;
   rank 0 alone writes files (config, metrics, checkpoints); the stop flag is all-reduced at every step so
@@ -23,6 +28,7 @@ Decisions:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -35,6 +41,7 @@ import numpy as np
 import torch
 
 from vzero_fast import distributed as dist
+from vzero_fast import lora
 from vzero_fast.checkpoint import CheckpointManager, StopFlag, kill_point, load_weights_into
 from vzero_fast.config import Config, RoleConfig, dumps, save_config, to_dict
 from vzero_fast.evaluate import eval_during_training
@@ -83,6 +90,7 @@ class Trainer:
         self.state: dict[str, Any] = {"iteration": 1, "stage": 0, "stage_step": 0, "global_step": 0,
                                       "metrics_lines": 0}
         self._refs: dict[str, torch.nn.Module] = {}
+        self._base: Policy | None = None  # the shared frozen base of a LoRA run (base_policy)
         self.stop = StopFlag()
         self.writer: MetricsWriter | None = None
         self.tracking: Tracking | None = None
@@ -127,8 +135,15 @@ class Trainer:
     def load_policy(self, weights_from: str | Path | None = None, *, trainable: bool = True,
                     shard: bool = True, name: str = "") -> Policy:
         """The base model (with the weights of `weights_from` when given), FSDP2-sharded under torchrun
-        (unless `shard` is False: a plain copy on this rank alone, e.g. for rank 0's one-off work)."""
+        (unless `shard` is False: a plain copy on this rank alone, e.g. for rank 0's one-off work).
+
+        With model.lora.rank > 0 (and `shard`) it is a view of the one shared frozen base instead (`lora_policy`):
+        a fresh trainable adapter, the adapter of `weights_from` (an adapter directory), or the base itself
+        for a frozen policy with no adapter. `shard=False` still gives a private full copy (the format warm-up
+        trains one and saves it as the run's base)."""
         m = self.cfg.model
+        if m.lora.rank > 0 and shard:
+            return self.lora_policy(weights_from, trainable=trainable, name=name)
         compute = dist.mixed_precision_dtype(self.world)
         # FSDP2's mixed precision keeps fp32 sharded weights (AdamW updates them) and computes in `compute`;
         # a plain process keeps fp32 masters beside low-precision weights instead (vzero_fast/optim.py).
@@ -148,6 +163,47 @@ class Trainer:
             if compute is not None:
                 policy.dtype = compute  # what inputs (pixel values) are cast to
         return policy
+
+    def base_policy(self) -> Policy:
+        """The one frozen base of a LoRA run, in model.dtype (bf16 on CUDA: never updated, so no fp32 copy), loaded
+        on first use and again only when the run's base changes (the format warm-up replaces it before any role
+        exists). Every role, reference and frozen role is a view of it (vzero_fast/lora.py)."""
+        if self._base is None or Path(self._base.path) != Path(self.model_path):
+            m = self.cfg.model
+            self._base = load_policy(self.model_path, dtype=m.dtype, attn_implementation=m.attn_implementation,
+                                     device=str(self.device), name="the shared frozen base")
+            for p in self._base.model.parameters():
+                p.requires_grad_(False)
+            self._base.model.eval()
+        return self._base
+
+    def lora_policy(self, weights_from: str | Path | None = None, *, trainable: bool = True,
+                    name: str = "") -> Policy:
+        """A view of the shared base (`base_policy`): with a fresh adapter (B = 0: equal to the base) when
+        `trainable` and no `weights_from`, with the adapter of the directory `weights_from`, or the base itself
+        (frozen, no adapter: no view is needed). A trainable view is FSDP2-sharded under torchrun: its adapters
+        only; the frozen base is replicated on every rank (vzero_fast/distributed.py)."""
+        base = self.base_policy()
+        src = None if weights_from is None or str(weights_from) == str(self.model_path) else Path(weights_from)
+        if src is None and not trainable:
+            return base
+        lc = self.cfg.model.lora
+        if src is None:
+            view = lora.attach(base.model, rank=lc.rank, alpha=lc.alpha, dropout=lc.dropout,
+                               target_modules=lc.target_modules, vision=lc.vision, trainable=True)
+        else:
+            view = lora.attach_from(base.model, src, trainable=trainable)
+        s = lora.spec(view)
+        log.info("%s: LoRA rank %d alpha %g on %d layers%s over the shared base (%.2fM adapter parameters)",
+                 name or "view", s.rank, s.alpha, len(s.targets), f" from {src}" if src else "",
+                 sum(t.numel() for t in lora.adapter_state(view).values()) / 1e6)
+        if self.cfg.model.gradient_checkpointing and trainable:
+            view.gradient_checkpointing_enable()
+        if self.world.fsdp and trainable:
+            dist.shard_model(view, self.world, ignored_params=set(base.model.parameters()))
+        if not trainable:
+            view.eval()
+        return dataclasses.replace(base, model=view)
 
     def add_role(self, name: str, role_cfg: RoleConfig) -> Role:
         policy = self.load_policy(name=name)

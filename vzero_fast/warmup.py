@@ -45,18 +45,19 @@ from vzero_fast.rollout import Request, render_messages
 log = logging.getLogger("vzero_fast.warmup")
 
 Example = tuple[Any, str, str]
-"""(image, user text, target response)."""
+"""(image or None for a text-only prompt, user text, target response)."""
 
 
 def encode_examples(policy: Policy, examples: list[Example]) -> SampleBatch:
     """Examples -> a SampleBatch whose responses are the targets + <|im_end|>."""
     prompt_ids, response_ids, pixels, grids = [], [], [], []
     for image, text, target in examples:
-        req = Request.from_image_text(image, text)
-        enc = policy.processor(text=[render_messages(policy, req.messages)], images=[image])
+        req = Request.from_image_text(image, text)  # image None: a text-only prompt
+        enc = policy.processor(text=[render_messages(policy, req.messages)],
+                               images=[image] if image is not None else None)
         prompt_ids.append(enc["input_ids"][0])
-        pixels.append(enc["pixel_values"])
-        grids.append(enc["image_grid_thw"])
+        pixels.append(enc.get("pixel_values"))
+        grids.append(enc.get("image_grid_thw"))
         ids = policy.tokenizer(target, add_special_tokens=False)["input_ids"] + [policy.eos_token_id]
         response_ids.append(torch.tensor(ids, dtype=torch.long))
     B = len(examples)

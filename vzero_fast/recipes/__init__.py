@@ -23,4 +23,8 @@ def build_recipe(name: str, trainer):
         from vzero_fast.recipes.opd import OPDRecipe
 
         return OPDRecipe(trainer)
+    if name == "mmzero":
+        from vzero_fast.recipes.mmzero import MMZeroRecipe
+
+        return MMZeroRecipe(trainer)
     raise ValueError(f"unknown recipe {name!r}")
