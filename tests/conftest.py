@@ -37,3 +37,16 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="module")
+def warm_model(tmp_path_factory):
+    """A format-warmed tiny model (the tiny preset's V-Zero warm-up, made once per test module that asks): V-Zero
+    rewards are all -1 on a random model, which would leave nothing to train and make every comparison of two
+    runs trivially equal (tests/test_resume.py, tests/test_lora_train.py)."""
+    from _runs import train
+
+    run = tmp_path_factory.mktemp("warmup") / "run"
+    train(["--recipe", "vzero", "--preset", "tiny", "--iterations", "1", "--max-steps-per-role", "1",
+           "--out", str(run)])
+    return run / "format-warmup"

@@ -25,6 +25,7 @@ from vzero_fast.data import (
     FolderSource,
     ImageItem,
     SyntheticSource,
+    epoch_picks,
     fit_pixels,
     open_source,
     resize_to_bounds,
@@ -445,6 +446,19 @@ def test_step_items_cover_good_items_once_per_epoch(mixed_folder, world_size):
     order = open_source(str(root)).epoch_order(0, 7)
     keys = open_source(str(root)).keys
     assert all(keys[order[pos]] == key for pos, key in positions)
+
+
+@pytest.mark.parametrize("count", [1, 3, 7, 10])
+def test_epoch_picks_walk_seeded_permutations(count):
+    """Steps in a row walk epoch 0's order, then epoch 1's, ... (each epoch every row once), the order of epoch e
+    being numpy's permutation seeded by (seed, iteration, e, salt), independent of the step size."""
+    rows = [f"r{i}" for i in range(7)]
+    picked = [r for step in range(6) for r in epoch_picks(rows, step, count, key=(3, 2, 11))]
+    assert len(picked) == 6 * count
+    want = [rows[int(k)] for e in range(-(-6 * count // 7)) for k in np.random.default_rng([3, 2, e, 11]).permutation(7)]
+    assert picked == want[:6 * count]
+    assert epoch_picks(rows, 4, count, key=(3, 2, 11)) == picked[4 * count:5 * count]  # a pure function
+    assert epoch_picks(rows, 0, 7, key=(3, 2, 12)) != epoch_picks(rows, 0, 7, key=(3, 2, 11))  # the salt counts
 
 
 def test_synthetic_describe_and_stats():

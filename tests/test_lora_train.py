@@ -50,15 +50,6 @@ def test_toy_recipe_learns_with_lora(head_scaled_model, tmp_path):
 # ------------------------------------------------------------------------------------------------- V-Zero
 
 @pytest.fixture(scope="module")
-def warm_model(tmp_path_factory):
-    """A format-warmed tiny model (the tiny preset's full-copy warm-up, made once), as tests/test_resume.py."""
-    run = tmp_path_factory.mktemp("warmup") / "run"
-    train(["--recipe", "vzero", "--preset", "tiny", "--iterations", "1", "--max-steps-per-role", "1",
-           "--out", str(run)])
-    return run / "format-warmup"
-
-
-@pytest.fixture(scope="module")
 def args(warm_model):
     return ["--recipe", "vzero", "--preset", "tiny", "--model", str(warm_model), "--vzero.format_warmup_steps",
             "0", "--iterations", "2", "--max-steps-per-role", str(STEPS), "--questioner.lr", "1e-3",

@@ -316,9 +316,16 @@ def test_batch_rewards_unparseable_is_minus_one_and_left_out():
     dup = _prop(_unique(0), _unique(1), _unique(2), content_type="data_chart")
     uniq = _prop(_unique(3), _unique(4), _unique(5), content_type="map")
     renders = [[(1.0, 0.5)] * 4, [], [(1.0, 0.5)] * 4, [(0.2, 0.6), None, None, None]]
-    got = proposer_batch_rewards([dup, None, dup, uniq], renders)
+    terms: dict[str, float] = {}
+    got = proposer_batch_rewards([dup, None, dup, uniq], renders, terms=terms)
     assert got == pytest.approx([0.45, -1.0, 0.45, 0.15], abs=ABS)
-    assert proposer_batch_rewards([None, None], [[], []]) == [-1.0, -1.0]
+    # The parts' means over the 3 valid proposals (the recipe's metrics): base (1 + 1 + 0.15) / 3, penalty
+    # (0.05 + 0.05 + 0) / 3, diversity (-0.5 - 0.5 + 0) / 3.
+    assert terms == pytest.approx({"proposer_base_mean": 2.15 / 3, "content_penalty_mean": 0.1 / 3,
+                                   "diversity_mean": -1 / 3}, abs=ABS)
+    none: dict[str, float] = {}
+    assert proposer_batch_rewards([None, None], [[], []], terms=none) == [-1.0, -1.0]
+    assert none == {}
     with pytest.raises(ValueError):
         proposer_batch_rewards([dup], [])
 

@@ -20,16 +20,6 @@ ROWS = 4 * STEPS
 
 
 @pytest.fixture(scope="module")
-def warm_model(tmp_path_factory):
-    """A format-warmed tiny model (the tiny preset's warm-up, made once): V-Zero rewards are all -1 on a
-    random model, which would leave nothing to train and make every comparison trivially equal."""
-    run = tmp_path_factory.mktemp("warmup") / "run"
-    train(["--recipe", "vzero", "--preset", "tiny", "--iterations", "1", "--max-steps-per-role", "1",
-           "--out", str(run)])
-    return run / "format-warmup"
-
-
-@pytest.fixture(scope="module")
 def args(warm_model):
     return ["--recipe", "vzero", "--preset", "tiny", "--model", str(warm_model), "--vzero.format_warmup_steps",
             "0", "--iterations", "2", "--max-steps-per-role", str(STEPS)]

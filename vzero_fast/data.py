@@ -51,11 +51,14 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFile, ImageFont, ImageOps, PngImagePlugin, UnidentifiedImageError
 
 log = logging.getLogger("vzero_fast.data")
+
+T = TypeVar("T")
 
 IMAGE_EXTENSIONS = (".bmp", ".jpeg", ".jpg", ".png", ".webp")
 PIL_FORMATS = ("JPEG", "PNG", "WEBP", "BMP")
@@ -532,6 +535,23 @@ def step_items(source: ImageSource, *, seed: int, step: int, count: int, rank: i
         if item is not None:
             items.append(dataclasses.replace(item, position=pos))
     return items
+
+
+def epoch_picks(rows: Sequence[T], step: int, count: int, *, key: Sequence[int]) -> list[T]:
+    """The rows of step `step`: positions [step*count, (step+1)*count) of the concatenated epoch orders, epoch e
+    a numpy permutation seeded by (*key[:-1], e, key[-1]) (the recipes' (seed, iteration, epoch, salt)). Like
+    `step_items` for rows in memory: a pure function of its arguments, so a resumed run picks what an
+    uninterrupted one would."""
+    n = len(rows)
+    *head, salt = key
+    orders: dict[int, np.ndarray] = {}
+    out = []
+    for pos in range(step * count, (step + 1) * count):
+        epoch, offset = divmod(pos, n)
+        if epoch not in orders:
+            orders[epoch] = np.random.default_rng([*head, epoch, salt]).permutation(n)
+        out.append(rows[int(orders[epoch][offset])])
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -70,7 +70,7 @@ import torch
 
 from vzero_fast.answers import boxed_answer, squeeze_tag_spaces
 from vzero_fast.config import Config, ConfigError
-from vzero_fast.data import image_from_png
+from vzero_fast.data import epoch_picks, image_from_png
 from vzero_fast.model import image_factor
 from vzero_fast.recipes.mmzero_rules import (  # noqa: F401  (the public rule functions, re-exported)
     BAND,
@@ -224,12 +224,7 @@ class MMZeroRecipe:
 
     def topics(self, iteration: int, step: int, count: int) -> list[str]:
         """Topics of a step's prompts: positions [step*count, (step+1)*count) of seeded per-epoch permutations."""
-        topics, out = self.mz.topics, []
-        for pos in range(step * count, (step + 1) * count):
-            epoch, offset = divmod(pos, len(topics))
-            order = np.random.default_rng([self.seed, iteration, epoch, 17]).permutation(len(topics))
-            out.append(topics[int(order[offset])])
-        return out
+        return epoch_picks(self.mz.topics, step, count, key=(self.seed, iteration, 17))
 
     def _proposer_request(self, topic: str, *, n: int, temperature: float, seed: int, meta: dict) -> Request:
         pc = self.cfg.proposer
@@ -238,10 +233,11 @@ class MMZeroRecipe:
             repetition_penalty=pc.repetition_penalty, seed=seed), meta=meta)
 
     def _coder_request(self, p: Proposal, *, n: int, seed: int, meta: dict | None = None) -> Request:
+        """A Coder prompt for proposal `p`, which the request carries (meta["proposal"]) to its reward."""
         cc = self.cfg.coder
         return Request.from_image_text(None, coder_text(p, self.language), SamplingParams(
             n=n, temperature=cc.temperature, top_p=cc.top_p, top_k=cc.top_k, max_new_tokens=cc.max_response_tokens,
-            repetition_penalty=cc.repetition_penalty, seed=seed), meta=meta or {})
+            repetition_penalty=cc.repetition_penalty, seed=seed), meta={"proposal": p, **(meta or {})})
 
     def _solver_params(self, n: int, seed: int) -> SamplingParams:
         return SamplingParams(n=n, temperature=self.mz.vote_temperature, top_k=self.mz.vote_top_k,
@@ -349,15 +345,8 @@ class MMZeroRecipe:
             for j, p in enumerate(row):
                 if self.mz.save_images:
                     self.save_png(p, f"images/iter{iteration}/proposer/step{step}/p{i}-{j}.png")
-        rewards = proposer_batch_rewards(parsed, renders)
+        rewards = proposer_batch_rewards(parsed, renders, terms=stats)
         stats.update(self._proposal_stats(parsed, [p for row in progs for p in row]))
-        types = [parsed[i].content_type for i in valid]
-        base = [proposer_reward(renders[i]) for i in valid]
-        penalty = content_type_penalty(types) if valid else []
-        if valid:
-            div = diversity_changes([parsed[i] for i in valid])
-            stats.update(proposer_base_mean=float(np.mean(base)), content_penalty_mean=float(np.mean(penalty)),
-                         diversity_mean=float(np.mean(div)))
         rows = []
         prog_of = dict(zip(valid, progs, strict=True))
         for i, (text, p) in enumerate(zip(texts, parsed, strict=True)):
@@ -462,10 +451,8 @@ class MMZeroRecipe:
         """[G, n]: each program rendered; each rendered image's questions answered n times by the current Solver;
         coder_reward(rendered, s, c, empty, not_svg)."""
         G, n = len(outputs), len(outputs[0].samples)
-        pool = {r["index"]: Proposal(**r["proposal"]) for r in self._read_rows(self.proposals_path(iteration))
-                if r["phase"] == "pool" and r["coder_prompt"]}
         progs = self.programs(outputs, stats=stats)
-        props = [pool[o.request.meta["index"]] for o in outputs]
+        props = [o.request.meta["proposal"] for o in outputs]
         self.answer([p for row in progs for p in row], [q for q, row in zip(props, progs) for _ in row],
                     n=self.mz.solver_votes, seed=step_seed(self.seed, "coder-solve", iteration, step))
         rewards, rows = [], []
@@ -584,15 +571,8 @@ class MMZeroRecipe:
     # ------------------------------------------------------------------------------- rows and batches
 
     def _batch(self, rows: list[dict[str, Any]], count: int, iteration: int, step: int, *, salt: int) -> list[dict]:
-        """Rows of step `step`: positions [step*b, (step+1)*b) of seeded per-epoch permutations."""
-        n = len(rows)
-        b = min(count, n)
-        out = []
-        for pos in range(step * b, (step + 1) * b):
-            epoch, offset = divmod(pos, n)
-            order = np.random.default_rng([self.seed, iteration, epoch, salt]).permutation(n)
-            out.append(rows[int(order[offset])])
-        return out
+        """Rows of step `step`: positions [step*b, (step+1)*b) of seeded per-epoch permutations, b = min(count, n)."""
+        return epoch_picks(rows, step, min(count, len(rows)), key=(self.seed, iteration, salt))
 
     @staticmethod
     def _read_rows(path: Path) -> list[dict[str, Any]]:

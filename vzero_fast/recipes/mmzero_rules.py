@@ -395,18 +395,24 @@ def diversity_changes(proposals: Sequence[Proposal]) -> list[float]:
 
 
 def proposer_batch_rewards(proposals: Sequence[Proposal | None],
-                           renders: Sequence[Sequence[tuple[float, float] | None]]) -> list[float]:
+                           renders: Sequence[Sequence[tuple[float, float] | None]],
+                           terms: dict[str, float] | None = None) -> list[float]:
     """The Proposer reward of every proposal of one reward batch: -1 for an unparseable one (None), which takes
     no part in the batch terms; else proposer_reward(renders[i]) - content-type penalty + diversity change, the
-    batch terms computed over the valid proposals only."""
+    batch terms computed over the valid proposals only. `terms` (when given and any proposal is valid) receives
+    the three parts' means over the valid proposals: proposer_base_mean, content_penalty_mean, diversity_mean."""
     if len(proposals) != len(renders):
         raise ValueError(f"{len(proposals)} proposals but {len(renders)} render lists")
     valid = [i for i, p in enumerate(proposals) if p is not None]
     kept = [proposals[i] for i in valid]
+    base = dict(zip(valid, (proposer_reward(renders[i]) for i in valid)))
     penalty = dict(zip(valid, content_type_penalty([p.content_type for p in kept])))
     change = dict(zip(valid, diversity_changes(kept)))
-    return [proposer_reward(renders[i]) - penalty[i] + change[i] if i in penalty else -1.0
-            for i in range(len(proposals))]
+    if terms is not None and valid:
+        terms.update(proposer_base_mean=sum(base.values()) / len(valid),
+                     content_penalty_mean=sum(penalty.values()) / len(valid),
+                     diversity_mean=sum(change.values()) / len(valid))
+    return [base[i] - penalty[i] + change[i] if i in base else -1.0 for i in range(len(proposals))]
 
 
 __all__ = [

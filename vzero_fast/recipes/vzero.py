@@ -82,7 +82,7 @@ import torch
 from vzero_fast import distributed as dist
 from vzero_fast.answers import LETTERS, Question, extract_choice, parse_question
 from vzero_fast.config import Config, VZeroConfig, to_dict
-from vzero_fast.data import ImageItem, ImageSource, open_images, shard_indices, step_items
+from vzero_fast.data import ImageItem, ImageSource, epoch_picks, open_images, shard_indices, step_items
 from vzero_fast.grpo import keep_groups
 from vzero_fast.kernels import vote_count
 from vzero_fast.model import Policy, image_factor
@@ -323,14 +323,7 @@ class VZeroRecipe:
 
     def _solver_batch(self, kept: list[dict[str, Any]], iteration: int, step: int) -> list[dict[str, Any]]:
         """Kept questions of step `step`: positions [step*b, (step+1)*b) of seeded per-epoch permutations."""
-        n = len(kept)
-        b = min(self.cfg.solver.prompts_per_step, n)
-        out = []
-        for pos in range(step * b, (step + 1) * b):
-            epoch, offset = divmod(pos, n)
-            order = np.random.default_rng([self.seed, iteration, epoch, 7]).permutation(n)
-            out.append(kept[int(order[offset])])
-        return out
+        return epoch_picks(kept, step, min(self.cfg.solver.prompts_per_step, len(kept)), key=(self.seed, iteration, 7))
 
     def _solver_stage(self, trainer: Trainer, iteration: int, start_step: int) -> None:
         sc, path = self.cfg.solver, self.questions_path(iteration)
